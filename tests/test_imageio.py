@@ -1,0 +1,227 @@
+"""load_image: faithful conversion of every container, and one-line errors for hostile input."""
+from __future__ import annotations
+
+import pickle
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+import hostile
+from anomaly import imageio
+from anomaly.imageio import MAX_PIXELS, ImageLoadError, load_image
+
+FAILING = {name: reason for name, reason in hostile.expected_reasons().items() if reason}
+LOADING = [name for name, reason in hostile.expected_reasons().items() if reason is None]
+
+
+def assert_valid_array(array: np.ndarray, shape: tuple[int, int] | None = None) -> None:
+    assert array.dtype == np.float32 and array.ndim == 3 and array.shape[2] == 3
+    assert array.flags.c_contiguous and array.min() >= 0.0 and array.max() <= 1.0
+    if shape is not None:
+        assert array.shape[:2] == shape
+
+
+def load_error(data: bytes, name: str) -> str:
+    with pytest.raises(ImageLoadError) as info:
+        load_image(data, name)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", sorted(FAILING))
+def test_hostile_files_fail_with_one_line(name: str) -> None:
+    message = load_error(hostile.hostile_files()[name], name)
+    assert message.startswith(f"{name}: ") and FAILING[name] in message
+
+
+@pytest.mark.parametrize("name", LOADING)
+def test_unusual_files_load(name: str, tmp_path) -> None:
+    path = tmp_path / name
+    path.write_bytes(hostile.hostile_files()[name])
+    from_disk = load_image(path)
+    assert_valid_array(from_disk)
+    np.testing.assert_array_equal(from_disk, load_image(path.read_bytes(), name))
+
+
+def test_exact_messages() -> None:
+    assert load_error(b"", "a.png") == "a.png: empty file"
+    assert load_error(hostile.decompression_bomb_png(), "bomb.png") == (
+        "bomb.png: image too large: 2,500,000,000 pixels exceeds the 40,000,000-pixel limit")
+    assert load_error(hostile.decompression_bomb_png(8000, 6000), "big.png") == (
+        "big.png: image too large: 8000x6000 pixels exceeds the 40,000,000-pixel limit")
+
+
+def test_disk_errors_name_the_path(tmp_path) -> None:
+    missing = tmp_path / "missing.png"
+    with pytest.raises(ImageLoadError, match="missing.png: file not found$"):
+        load_image(missing)
+    with pytest.raises(ImageLoadError, match="is a folder"):
+        load_image(tmp_path, "folder")
+
+
+@pytest.mark.parametrize("name", ["ünïcödé 画像.png", "with space.png", "../up.png", "<b>html</b>",
+                                  "[md](x)", "two\nlines\r.png"])
+def test_names_are_echoed_on_one_line(name: str) -> None:
+    message = load_error(hostile.text_file(), name)
+    assert message.endswith(": not an image (looks like text)")
+    assert message.startswith(name.replace("\n", "\\n").replace("\r", "\\r"))
+
+
+def test_error_is_a_picklable_value_error() -> None:
+    error = ImageLoadError("x.png", "empty file")
+    assert isinstance(error, ValueError)
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == "x.png: empty file" and copy.reason == "empty file"
+
+
+# --- size limits ---------------------------------------------------------------------------------
+
+def test_size_is_checked_before_decoding(monkeypatch) -> None:
+    # The pixel data is cut short: decoding would report corruption, so "too large" proves the
+    # header alone was used.
+    data = hostile.png_from_rows(10, 10, 8, 0, bytes(range(110)))[:-20]
+    monkeypatch.setattr(imageio, "MAX_PIXELS", 99)
+    assert load_error(data, "x.png") == "x.png: image too large: 10x10 pixels exceeds the 99-pixel limit"
+    monkeypatch.setattr(imageio, "MAX_PIXELS", 100)
+    assert load_error(data, "x.png") == "x.png: truncated or corrupt image data"
+
+
+def test_pillow_bomb_warning_becomes_our_error_and_leaks_nothing(recwarn) -> None:
+    before_filters, before_limit = list(warnings.filters), Image.MAX_IMAGE_PIXELS
+    message = load_error(hostile.decompression_bomb_png(10_000, 10_000), "w.png")
+    assert message == "w.png: image too large: 100,000,000 pixels exceeds the 40,000,000-pixel limit"
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert warnings.filters == before_filters and Image.MAX_IMAGE_PIXELS == before_limit
+    assert MAX_PIXELS <= Image.MAX_IMAGE_PIXELS
+
+
+def test_concurrent_loads_keep_warning_filters_intact() -> None:
+    before = list(warnings.filters)
+    cases = [hostile.decompression_bomb_png(10_000, 10_000), hostile.rgb_png()] * 8
+
+    def attempt(data: bytes) -> str:
+        try:
+            return str(load_image(data).shape)
+        except ImageLoadError as error:
+            return error.reason
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(attempt, cases))
+    assert results == [results[0], results[1]] * 8 and "too large" in results[0]
+    assert warnings.filters == before
+
+
+def test_tiny_and_extreme_aspect() -> None:
+    np.testing.assert_allclose(load_image(hostile.tiny_png())[0, 0], np.array([10, 20, 30]) / 255, atol=1e-7)
+    assert_valid_array(load_image(hostile.extreme_aspect_png()), (5000, 5))
+
+
+# --- faithful conversion ---------------------------------------------------------------------------
+
+def test_same_gray_picture_in_every_container() -> None:
+    expected = np.repeat(hostile.gray8()[..., None] / 255.0, 3, axis=2)
+    for data in (hostile.gray_png8(), hostile.gray_png16(), hostile.gray_float_tiff(), hostile.la_png()):
+        np.testing.assert_allclose(load_image(data), expected, atol=1e-6, rtol=0)
+
+
+def test_same_rgb_picture_in_every_container() -> None:
+    expected = hostile.noise_rgb() / 255.0
+    for data in (hostile.rgb_png(), hostile.rgb_png16(), hostile.rgba_opaque_png()):
+        np.testing.assert_allclose(load_image(data), expected, atol=1e-6, rtol=0)
+
+
+def test_transparent_pixels_become_black() -> None:
+    loaded = load_image(hostile.rgba_half_png())
+    assert not loaded[:, :16].any()
+    np.testing.assert_allclose(loaded[:, 16:], hostile.noise_rgb()[:, 16:] / 255.0, atol=1e-6)
+
+
+def test_palette_lookup_and_palette_transparency() -> None:
+    image = hostile.palette_image()
+    palette = np.array(image.getpalette()[:48], dtype=np.float64).reshape(-1, 3) / 255.0
+    indices = np.asarray(image)
+    np.testing.assert_allclose(load_image(hostile.palette_png()), palette[indices], atol=1e-6)
+    expected = palette[indices] * (indices != 0)[..., None]
+    assert (indices == 0).any()
+    np.testing.assert_allclose(load_image(hostile.palette_transparent_png()), expected, atol=1e-6)
+
+
+def test_int32_and_float_ranges() -> None:
+    np.testing.assert_allclose(load_image(hostile.int32_tiff())[0, :, 0], [0, 2**30 / (2**31 - 1), 1], atol=1e-6)
+    wild = np.array([[-1.0, 0.25, 7.0, np.nan]], dtype=np.float32)
+    np.testing.assert_allclose(load_image(hostile.encode(Image.fromarray(wild), "TIFF"))[0, :, 0],
+                               [0, 0.25, 1, 0])
+
+
+def test_cmyk_jpeg_colours() -> None:
+    loaded = load_image(hostile.cmyk_jpeg())
+    np.testing.assert_allclose(loaded[8, 4], [0, 1, 1], atol=0.03)   # cyan
+    np.testing.assert_allclose(loaded[8, 28], [1, 1, 1], atol=0.03)  # white
+
+
+def test_exif_orientation_is_applied() -> None:
+    loaded = load_image(hostile.exif_rotated_jpeg())
+    stored = np.zeros((16, 32, 3))
+    stored[:, :16, 0] = 1.0
+    stored[:, 16:, 2] = 1.0
+    expected = np.rot90(stored, k=-1)  # orientation 6 = rotate 90 degrees clockwise for display
+    assert loaded.shape == expected.shape == (32, 16, 3)
+    inner = (slice(4, 12), slice(4, 12))
+    np.testing.assert_allclose(loaded[inner], expected[inner], atol=0.05)
+    np.testing.assert_allclose(loaded[20:28, 4:12], expected[20:28, 4:12], atol=0.05)
+
+
+def test_first_frame_is_used() -> None:
+    np.testing.assert_allclose(load_image(hostile.animated_gif()), np.broadcast_to([1.0, 0, 0], (6, 8, 3)))
+    np.testing.assert_allclose(load_image(hostile.multipage_tiff()), np.broadcast_to([0, 1.0, 0], (6, 8, 3)))
+
+
+# --- property-based -------------------------------------------------------------------------------
+
+def _mutations() -> st.SearchStrategy[bytes]:
+    """Valid files with bytes flipped, cut or appended: far likelier than noise to reach decoders."""
+    seeds = [hostile.rgb_png(), hostile.gray_png16(), hostile.animated_gif(), hostile.multipage_tiff(),
+             hostile.cmyk_jpeg(), hostile.exif_rotated_jpeg(), hostile.encode(Image.new("RGB", (4, 4)), "BMP"),
+             hostile.encode(Image.new("RGB", (4, 4)), "WEBP")]
+
+    @st.composite
+    def mutate(draw) -> bytes:
+        data = bytearray(draw(st.sampled_from(seeds)))
+        for _ in range(draw(st.integers(1, 6))):
+            position = draw(st.integers(0, len(data) - 1))
+            data[position] = draw(st.integers(0, 255))
+        return bytes(data[: draw(st.integers(0, len(data)))]) + draw(st.binary(max_size=8))
+
+    return mutate()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about corrupt metadata in garbage input
+@settings(max_examples=150, deadline=None)
+@given(data=st.one_of(st.binary(max_size=256), _mutations()), name=st.text(max_size=20))
+def test_arbitrary_bytes_only_raise_image_load_error(data: bytes, name: str) -> None:
+    try:
+        array = load_image(data, name)
+    except ImageLoadError as error:
+        message = str(error)
+        assert "\n" not in message and "\r" not in message
+        assert message.startswith(imageio.printable(name) + ": ")
+    else:
+        assert_valid_array(array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pixels=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 3, 4]))))
+def test_png_round_trip_is_exact(pixels: np.ndarray) -> None:
+    channels = pixels.shape[2]
+    if channels == 4:
+        pixels[..., 3] = 255
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    loaded = load_image(hostile.encode(image, "PNG"))
+    expected = np.repeat(pixels[..., :1], 3, axis=2) if channels == 1 else pixels[..., :3]
+    np.testing.assert_array_equal(loaded, expected.astype(np.float32) / np.float32(255))
