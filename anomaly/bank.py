@@ -56,16 +56,13 @@ class NormalBank:
         lengths = {len(self.paths), len(self.sizes), len(self.thumbnails), *(len(level) for level in self.pyramid)}
         if lengths != {n}:
             raise BankError(f"inconsistent bank: {n} global features but parts of lengths {sorted(lengths)}")
+        # Built eagerly, once: the bank is then read-only and safe to share between threads.
+        self.index: faiss.IndexFlatL2 = search.build_index(self.global_features)
 
     def __len__(self) -> int:
         return len(self.global_features)
 
     # ---- search -------------------------------------------------------------
-    @cached_property
-    def index(self) -> faiss.IndexFlatL2:
-        """Exact L2 index over the global features, built on first use and then shared."""
-        return search.build_index(self.global_features)
-
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(squared distances, indices) of the k nearest normal images, k clipped to the bank size."""
         k = max(1, min(k, len(self)))

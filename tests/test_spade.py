@@ -145,3 +145,16 @@ def test_fit_with_no_readable_image_is_a_clear_error(random_resnet18):
     bad = InputItem(path="x.png", relpath="x.png", source=None, data=b"")
     with pytest.raises(BankError, match="no normal image could be read"):
         SPADE(extractor=random_resnet18).fit([bad])
+
+
+def test_concurrent_scoring_from_threads_matches_sequential(fitted):
+    """A fitted model (shared extractor, bank and faiss index) serves several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = [memory_item(f"{seed}.png", texture(seed, defect=seed % 2 == 0)) for seed in range(30, 36)]
+    sequential = [fitted.explain(item) for item in items]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        parallel = list(pool.map(fitted.explain, items))
+    for a, b in zip(sequential, parallel):
+        assert a.knn_score == b.knn_score
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
