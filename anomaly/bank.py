@@ -100,6 +100,12 @@ class NormalBank:
         kept = distances[not_self].reshape(len(self), k)
         return kept.mean(axis=1).astype(np.float32)
 
+    def loo_scores_for(self, k: int) -> np.ndarray:
+        """Leave-one-out scores for this K: the stored ones when K matches the fit's, else computed."""
+        if min(k, len(self) - 1) == self.loo_k:
+            return self.loo_scores
+        return self.leave_one_out_scores(k)
+
     def suggested_tau(self) -> float | None:
         """The TAU_QUANTILE quantile of the leave-one-out kNN scores (None with a single image)."""
         if len(self.loo_scores) == 0:

@@ -61,7 +61,7 @@ def evaluate(
         return None if stage is None else (lambda done, total: stage(name, done, total))
 
     started = time.perf_counter()
-    model.fit(category.train, progress=progress("fit"))
+    model.fit(category.train, progress=progress("fit"), calibration_progress=progress("calibrate"))
     fitted = time.perf_counter()
     items = [entry.item for entry in category.test]
     scored: list[Scored] = []

@@ -140,8 +140,17 @@ class SPADE:
         return self.bank_
 
     # ---- fit ----------------------------------------------------------------------
-    def fit(self, items: Sequence[InputItem], progress: Progress | None = None) -> "SPADE":
-        """Extract and store the features of the normal images; unreadable ones are skipped and listed."""
+    def fit(
+        self,
+        items: Sequence[InputItem],
+        progress: Progress | None = None,
+        calibration_progress: Progress | None = None,
+    ) -> "SPADE":
+        """Extract and store the features of the normal images; unreadable ones are skipped and listed.
+
+        ``progress`` counts images through the backbone; ``calibration_progress`` counts the
+        leave-one-out pixel maps that suggest theta (often the longer part on small banks).
+        """
         extractor = self.extractor
         spill = PyramidSpill()
         global_parts, paths, sizes, thumbnails, skipped = [], [], [], [], []
@@ -174,11 +183,11 @@ class SPADE:
         )
         bank.loo_k = min(self.k, len(bank) - 1)
         bank.loo_scores = bank.leave_one_out_scores(self.k)
-        bank.loo_map_max = self._calibrate_pixels(bank)
+        bank.loo_map_max = self._calibrate_pixels(bank, calibration_progress)
         self.bank_ = bank
         return self
 
-    def _calibrate_pixels(self, bank: NormalBank) -> np.ndarray:
+    def _calibrate_pixels(self, bank: NormalBank, progress: Progress | None) -> np.ndarray:
         """Maxima of leave-one-out pixel maps of evenly spaced normal images."""
         if len(bank) < 2 or self.calibration_images == 0:
             return np.zeros(0, np.float32)
@@ -190,6 +199,8 @@ class SPADE:
             raw = self.raw_map(bank.pixel_features(int(index)), np.asarray(others), bank)
             side = bank.identity.image_size
             maxima.append(to_image_map(raw, side, (side, side), self.sigma).max())
+            if progress is not None:
+                progress(len(maxima), len(chosen))
         return np.asarray(maxima, np.float32)
 
     # ---- score ----------------------------------------------------------------------
@@ -263,9 +274,8 @@ class SPADE:
         """Image threshold suggested by the bank for this model's image score."""
         if self.image_score == "map-max":
             return self.bank.suggested_theta()
-        if self.k != self.bank.loo_k and len(self.bank) > 1:
-            return float(np.quantile(self.bank.leave_one_out_scores(self.k), TAU_QUANTILE))
-        return self.bank.suggested_tau()
+        scores = self.bank.loo_scores_for(self.k)
+        return float(np.quantile(scores, TAU_QUANTILE)) if len(scores) else None
 
     def suggested_theta(self) -> float | None:
         """Pixel threshold suggested by the bank (maxima of leave-one-out normal maps)."""
