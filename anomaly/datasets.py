@@ -48,9 +48,12 @@ def load_mvtec_category(root: str | Path) -> MVTecCategory:
     return _parse(collect_inputs([root]).items, root.resolve().name, str(root))
 
 
-def mvtec_from_items(items: list[InputItem], name: str) -> MVTecCategory:
-    """The same layout from items' relpaths, directly or under one top-level folder (a zipped category)."""
-    return _parse(items, name, name)
+def mvtec_from_items(items: list[InputItem], name: str, require_train: bool = True) -> MVTecCategory:
+    """The same layout from items' relpaths, directly or under one top-level folder (a zipped category).
+
+    ``require_train=False`` accepts a test set alone (test/ and ground_truth/), for scoring.
+    """
+    return _parse(items, name, name, require_train)
 
 
 def labels_from_relpaths(items: Sequence[InputItem]) -> list[int | None]:
@@ -78,7 +81,7 @@ def load_mask(item: InputItem | None, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def _parse(items: Sequence[InputItem], name: str, where: str) -> MVTecCategory:
+def _parse(items: Sequence[InputItem], name: str, where: str, require_train: bool = True) -> MVTecCategory:
     parts_of = _layout_parts(items, where)
     train: list[InputItem] = []
     tests: list[tuple[InputItem, str]] = []
@@ -94,7 +97,7 @@ def _parse(items: Sequence[InputItem], name: str, where: str) -> MVTecCategory:
             tests.append((item, folder))
         elif section == "ground_truth" and (stem := PurePosixPath(filename).stem).endswith("_mask"):
             masks.setdefault((folder, stem.removesuffix("_mask")), item)
-    if not train:
+    if not train and require_train:
         raise ValueError(f"{printable(where)}: no training images in train/good ({_LAYOUT})")
     if not tests:
         raise ValueError(f"{printable(where)}: no test images in test/<good|defect> ({_LAYOUT})")

@@ -152,3 +152,18 @@ def test_real_magnetic_tile_and_bottle():
     bottle = load_mvtec_category(SHARED / "mvtec_bottle_448")
     assert len(bottle.train) == 209 and len(bottle.test) == 83
     assert sum(t.label for t in bottle.test) == 63 and all(t.mask is None for t in bottle.test)
+
+
+def test_test_set_alone_keeps_its_masks():
+    from anomaly.datasets import mvtec_from_items
+    from anomaly.sources import InputItem
+
+    def item(rel):
+        return InputItem(path=rel, relpath=rel, source=None, data=b"x")
+
+    items = [item("cat/test/good/0.png"), item("cat/test/crack/1.png"), item("cat/ground_truth/crack/1_mask.png")]
+    with pytest.raises(ValueError, match="no training images"):
+        mvtec_from_items(items, "upload.zip")
+    category = mvtec_from_items(items, "upload.zip", require_train=False)
+    assert category.train == [] and [t.label for t in category.test] == [1, 0]
+    assert category.test[0].mask.relpath == "cat/ground_truth/crack/1_mask.png"

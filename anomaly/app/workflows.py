@@ -37,11 +37,11 @@ class ScoringSet:
 def scoring_set(collection: Collection, name: str) -> ScoringSet:
     """The images to score, with labels and masks when the input follows the MVTec layout.
 
-    A full category (train/, test/, ground_truth/) gives its test images with masks;
+    The MVTec layout (test/ and ground_truth/, with or without train/) gives its test images with masks;
     otherwise a folder named ``good`` means normal and any other folder a defect type.
     """
     try:
-        category = mvtec_from_items(collection.items, name)
+        category = mvtec_from_items(collection.items, name, require_train=False)
     except ValueError:
         labels = labels_from_relpaths(collection.items)
         defects = [None if label is None else PurePosixPath(item.relpath).parent.name
