@@ -8,11 +8,7 @@ from anomaly.app.widgets import plain
 entry.through_entrypoint()
 
 st.title("Dataset sanity check")
-state = session.bank_state()
-if state is None:
-    st.info("Build or load a normal bank first (or run the demo from the Home page).")
-    st.page_link("pages/bank.py", label="Go to Normal bank", icon=":material/inventory_2:")
-    st.stop()
+state = widgets.require_bank()
 
 bank = state.bank
 model = session.model(state)

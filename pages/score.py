@@ -8,12 +8,7 @@ from anomaly.app.widgets import plain
 entry.through_entrypoint()
 
 st.title("Score a batch")
-state = session.bank_state()
-if state is None:
-    st.info("Build or load a normal bank first (or run the demo from the Home page).")
-    st.page_link("pages/bank.py", label="Go to Normal bank", icon=":material/inventory_2:")
-    st.page_link("pages/home.py", label="Go to the demo", icon=":material/home:")
-    st.stop()
+state = widgets.require_bank()
 
 batch = session.batch()
 with st.expander("Score new images", expanded=batch is None):

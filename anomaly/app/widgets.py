@@ -14,6 +14,7 @@ from ..backbones import WeightsUnavailable
 from ..bank import BankError
 from ..imageio import ImageLoadError
 from ..sources import IMAGE_EXTENSIONS, Collection, collect_inputs, items_from_upload
+from . import session
 
 UPLOAD_TYPES = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS) + ["zip"]
 USER_ERRORS = (BankError, WeightsUnavailable, ImageLoadError, ValueError, OSError)
@@ -23,6 +24,17 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&\"'=^@%])")
 def plain(text: object) -> str:
     """User text (file names, messages that quote them) made literal for Markdown renderers."""
     return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))
+
+
+def require_bank() -> session.BankState:
+    """This session's bank state, or a pointer to where to make one and the end of this page run."""
+    state = session.bank_state()
+    if state is None:
+        st.info("Build or load a normal bank first (or run the demo from the Home page).")
+        st.page_link("pages/bank.py", label="Go to Normal bank", icon=":material/inventory_2:")
+        st.page_link("pages/home.py", label="Go to the demo", icon=":material/home:")
+        st.stop()
+    return state
 
 
 @contextmanager
