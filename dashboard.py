@@ -20,14 +20,22 @@ page = st.navigation([
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/query_stats:"),
 ])
 
-with st.sidebar:
-    state, batch = session.bank_state(), session.batch()
-    st.caption("This session")
-    if state is None:
-        st.caption("No normal bank yet.")
-    else:
-        st.caption(f"Bank: {len(state.bank):,} normal images, {plain(state.bank.identity.name)}")
-    if batch is not None:
-        st.caption(f"Batch: {len(batch.results):,} images scored")
+summary = st.sidebar.empty()
 
+
+def summarise_session() -> None:
+    """What this session holds; drawn before the page and again after it, so it shows what the page did."""
+    state, batch = session.bank_state(), session.batch()
+    with summary.container():
+        st.caption("This session")
+        if state is None:
+            st.caption("No normal bank yet.")
+        else:
+            st.caption(f"Bank: {len(state.bank):,} normal images, {plain(state.bank.identity.name)}")
+        if batch is not None:
+            st.caption(f"Batch: {len(batch.results):,} images scored")
+
+
+summarise_session()
 page.run()
+summarise_session()  # not reached when a page stops early, which it does only when it changed nothing

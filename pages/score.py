@@ -1,5 +1,7 @@
 """Score a batch: scores, the image threshold tau, the distribution against the normals, CSV export."""
 
+from functools import partial
+
 import streamlit as st
 
 from anomaly.app import cache, entry, figures, session, tables, widgets, workflows
@@ -88,7 +90,7 @@ picked = st.dataframe(
                    "anomalous": st.column_config.CheckboxColumn(f"anomalous at τ={tau:.4g}")},
 )
 download, inspect, _ = st.columns([2, 3, 4])
-download.download_button("Download results (CSV)", tables.csv_bytes(table), file_name="scores.csv",
+download.download_button("Download results (CSV)", partial(tables.csv_bytes, table), file_name="scores.csv",
                          mime="text/csv", on_click="ignore", icon=":material/download:")
 rows = picked.selection.rows
 if rows:

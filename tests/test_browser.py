@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from anomaly.app import workflows
+from browser_support import ARTIFACTS, CHROMIUM, ROOT, free_port, wait_until_healthy
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
 DOCS = os.environ.get("ANOMALY_DOCS_SCREENSHOTS") == "1"
 DEMO = workflows.FULL_DEMO if DOCS else workflows.SMALL_DEMO
 TEST_IMAGES = DEMO.n_test_good + DEMO.n_test_defect
@@ -33,26 +27,6 @@ SLOW_MS = 600_000 if DOCS else 240_000
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed")
 pytest.importorskip("playwright.sync_api")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited with status {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"streamlit did not answer on {url} within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
