@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from anomaly.app import workflows
-from browser_support import ARTIFACTS, CHROMIUM, ROOT, free_port, wait_until_healthy
+import browser_support
+from browser_support import ARTIFACTS, CHROMIUM, ROOT, launch_chromium, streamlit_app
 
 DOCS = os.environ.get("ANOMALY_DOCS_SCREENSHOTS") == "1"
 DEMO = workflows.FULL_DEMO if DOCS else workflows.SMALL_DEMO
@@ -31,27 +30,9 @@ pytest.importorskip("playwright.sync_api")
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {**os.environ, "ANOMALY_DEMO_SMALL": "0" if DOCS else "1"}
-    log = open(ARTIFACTS / "streamlit.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "dashboard.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    env = {"ANOMALY_DEMO_SMALL": "0" if DOCS else "1"}
+    with streamlit_app(env, ARTIFACTS / "streamlit.log") as app:
+        yield app.url
 
 
 @pytest.fixture
@@ -59,10 +40,7 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
+        browser = launch_chromium(playwright)
         try:
             tab = browser.new_page(viewport={"width": 1600, "height": 1000})
             tab.set_default_timeout(60_000)
@@ -72,10 +50,7 @@ def page(server):
 
 
 def settle(page) -> None:
-    """Wait until Streamlit has finished the current run."""
-    page.wait_for_timeout(300)
-    page.get_by_test_id("stStatusWidget").wait_for(state="hidden", timeout=SLOW_MS)
-    page.wait_for_timeout(500)
+    browser_support.settle(page, SLOW_MS)
 
 
 def screenshot(page, name: str, docs_copy: bool = False) -> None:
