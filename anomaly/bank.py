@@ -24,7 +24,6 @@ import torch
 
 from . import search, tensorfile
 from .backbones import BackboneIdentity
-from .features import stack_pyramid
 
 FORMAT = "spade-bank"
 VERSION = 1
@@ -67,24 +66,6 @@ class NormalBank:
         """(squared distances, indices) of the k nearest normal images, k clipped to the bank size."""
         k = max(1, min(k, len(self)))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-    def gallery(self, indices: np.ndarray, per_block: int = 4):
-        """Yield the pixel vectors of the given normal images, a few images at a time.
-
-        Each block is (images x H_0 x W_0, C) float32: the pyramid of those images upsampled
-        to the finest level and concatenated, exactly as the query's is.
-        """
-        indices = np.asarray(indices).reshape(-1)
-        for start in range(0, len(indices), per_block):
-            chosen = np.sort(indices[start : start + per_block])  # memory-map reads in file order
-            levels = [torch.from_numpy(np.asarray(level[chosen], dtype=np.float32)) for level in self.pyramid]
-            stacked = stack_pyramid(levels)
-            yield stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1])
-
-    def pixel_features(self, index: int) -> torch.Tensor:
-        """(C, H_0, W_0) stacked pyramid of one normal image (used for leave-one-out maps)."""
-        levels = [torch.from_numpy(np.asarray(level[index : index + 1], dtype=np.float32)) for level in self.pyramid]
-        return stack_pyramid(levels)[0]
 
     # ---- thresholds -----------------------------------------------------------
     def leave_one_out_scores(self, k: int) -> np.ndarray:

@@ -5,33 +5,62 @@ Two searches serve SPADE:
 * image level: a few query vectors against the bank's global features, an exact
   faiss ``IndexFlatL2`` built once per bank and shared (faiss indexes are safe to
   search from several threads; nothing here mutates one after it is built);
-* pixel level: thousands of query pixels against every pixel of K neighbour
-  images. :func:`pixel_knn` streams the gallery in blocks (never a full distance
-  matrix), ranks candidates with one matrix product per tile, optionally in
-  bfloat16, and then recomputes the chosen candidates' distances exactly in
-  float32 so the scores it returns are true squared Euclidean distances.
+* pixel level: every pixel of a query image against every pixel of its K nearest
+  normal images, compared as :func:`anomaly.features.stack_pyramid` stacks them; this
+  is where SPADE spends its time. :func:`pyramid_knn` does it without building either
+  stack:
+
+  - Squared distances come straight out of matrix products: the operands carry their
+    squared norms as extra columns (hi/lo halves), so an entry is |q|^2 + |g|^2 - 2 q.g,
+    with both sides first centred on the query's mean pixel. A bfloat16 product then
+    rounds the distance itself, not a large dot product it is the difference of.
+  - Thick coarse levels (wide_resnet50_2's 512 and 1,024 channels at 28 x 28 and
+    14 x 14) are multiplied at native resolution on both sides, in float32. An upsampled
+    pixel is a bilinear mix of four native ones, so its squared distances are the same
+    mix of theirs less the mix's own spread (:func:`_mix_spread`); interpolating native
+    products costs a small fraction of multiplying upsampled pixels (1/256 at level 3).
+    Thin levels are upsampled and multiplied on the finest grid, in bfloat16 where the
+    CPU has it.
+  - Each query keeps its best candidates through a two-stage search (minima of 8-pixel
+    chunks first: torch's index-returning reductions are ten times slower than
+    ``amin``). With the nearest images searched first, most chunks of the later ones
+    are ruled out by a single comparison.
+  - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
+    float32 from the bank's values: returned scores are exact distances to real gallery
+    pixels, and the ranking precision only decides which pixels those are. bfloat16
+    ranking keeps BF16_MARGIN extra candidates per query; bench/bench.py reports how
+    often it still ends on a farther neighbour than float32 does.
 
 All distances are *squared* Euclidean, as in the paper's equations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 Precision = Literal["auto", "fp32", "bf16"]
 
-# Tile sizes: the (query x gallery) block of approximate distances should stay in
-# the CPU caches; 1024 x 2048 float32 is 8 MiB. Measured in bench/.
+# Query pixels per pass, at most: the (gallery image x query tile) blocks of distances,
+# about 10 MB at 224 px, then stay in the L3 cache (tiles of 1,568 or 3,136 measured slower).
 QUERY_TILE = 1024
-GALLERY_TILE = 2048
-# Extra candidates kept per tile on the bfloat16 path before the exact re-rank.
+# Gallery rows per chunk in the two-stage search for the smallest distances.
+CHUNK = 8
+# Rows of a flat gallery handled as one "image" (no interpolation there).
+GALLERY_TILE = 4096
+# Extra candidates kept per query on the bfloat16 path before the exact recompute.
 BF16_MARGIN = 3
+# Coarse levels with at least this many channels are multiplied at native resolution (see
+# _Plan); for thinner ones, upsampling and multiplying on the finest grid is cheaper. The
+# break-even follows the speed of the finest-grid product (bfloat16 is 2-4x faster).
+FACTOR_MIN_CHANNELS = {"bf16": 128, "fp32": 64}
 
 
 def knn(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,51 +98,343 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     return precision
 
 
-def pixel_knn(
-    queries: torch.Tensor,
-    gallery_blocks: Iterable[torch.Tensor],
+def pyramid_knn(
+    query: Sequence[torch.Tensor | np.ndarray],
+    pyramid: Sequence[np.ndarray | torch.Tensor],
+    indices: np.ndarray,
     kappa: int = 1,
     precision: Precision = "auto",
 ) -> torch.Tensor:
-    """Squared distances (P, kappa), ascending, from each query row to its kappa nearest gallery rows.
+    """Squared distances (H * W, kappa), ascending, from each pixel of a query image to its kappa
+    nearest pixels among all pixels of the images ``indices`` of ``pyramid``.
 
-    ``queries`` is (P, C) float32; ``gallery_blocks`` yields (G_i, C) float32 blocks whose
-    union is the gallery, so a caller can build the gallery lazily and only one block is
-    alive at a time. Candidates are ranked by ``|g|^2 - 2 q.g`` (the query's norm does not
-    change the order); their distances are then recomputed as ``sum((q - g)^2)`` in float32.
+    ``query``: the image's pyramid levels (C_l, h_l, w_l), finest first, as the backbone returns
+    them (or as a bank stores them, for leave-one-out maps); ``pyramid``: per level
+    (N, C_l, h_l, w_l), e.g. the bank's float16 memory maps. Pixels are compared as
+    :func:`anomaly.features.stack_pyramid` stacks them (every level upsampled to the finest
+    grid, channels concatenated), but neither side is ever stacked in full: only the K images'
+    native levels are read. Images are searched in the order of ``indices``; nearest first,
+    good candidates come early and most pixels of the later images are ruled out cheaply.
     """
+    unique, position = np.unique(np.asarray(indices).reshape(-1), return_inverse=True)  # file order
+    levels = [torch.from_numpy(np.ascontiguousarray(np.asarray(level[unique]).transpose(0, 2, 3, 1)))
+              for level in pyramid]
+    images = [[level[n] for level in levels] for n in position.reshape(-1)]
+    query = [level.float() if isinstance(level, torch.Tensor) else torch.from_numpy(np.array(level, np.float32))
+             for level in query]
+    return _search([level.permute(1, 2, 0) for level in query], images, kappa, precision)
+
+
+def pixel_knn(
+    queries: torch.Tensor,
+    gallery: torch.Tensor | Iterable[torch.Tensor],
+    kappa: int = 1,
+    precision: Precision = "auto",
+) -> torch.Tensor:
+    """Squared distances (P, kappa), ascending, from each query row (P, C) to its kappa nearest
+    rows of a flat gallery: (G, C) rows, or an iterable of row blocks (all held in memory)."""
+    rows = gallery if isinstance(gallery, torch.Tensor) else torch.cat([block.float() for block in gallery])
+    return _search([queries.float()[None]], [[tile[None]] for tile in rows.split(GALLERY_TILE)], kappa, precision)
+
+
+def _search(
+    query: list[torch.Tensor], images: list[list[torch.Tensor]], kappa: int, precision: Precision
+) -> torch.Tensor:
+    """``query`` and each of ``images``: pixel-major levels (h_l, w_l, C_l), finest first."""
     if kappa < 1:
         raise ValueError(f"kappa must be at least 1, got {kappa}")
     mode = resolve_precision(precision)
-    queries = queries.float().contiguous()
-    num_queries = queries.shape[0]
-    ranked_queries = queries.bfloat16() if mode == "bf16" else queries
-    margin = BF16_MARGIN if mode == "bf16" else 0
-    best = torch.full((num_queries, kappa), float("inf"))
-    for block in gallery_blocks:
-        block = block.float().contiguous()
-        ranked_block = block.bfloat16() if mode == "bf16" else block
-        for start in range(0, block.shape[0], GALLERY_TILE):
-            tile = block[start : start + GALLERY_TILE]
-            ranked_tile = ranked_block[start : start + GALLERY_TILE]
-            tile_norms = (tile * tile).sum(1)
-            keep = min(kappa + margin, tile.shape[0])
-            for q0 in range(0, num_queries, QUERY_TILE):
-                rows = slice(q0, q0 + QUERY_TILE)
-                products = ranked_queries[rows] @ ranked_tile.T
-                ranking = tile_norms - 2.0 * products.float()
-                if keep == 1:
-                    candidates = ranking.argmin(1, keepdim=True)
-                else:
-                    candidates = ranking.topk(keep, dim=1, largest=False).indices
-                exact = _exact_sq_distances(queries[rows], tile, candidates)
-                merged = torch.cat([best[rows], exact], dim=1)
-                best[rows] = merged.topk(kappa, dim=1, largest=False).values
-    return best.sort(dim=1).values
+    plan = _Plan(query, torch.bfloat16 if mode == "bf16" else torch.float32, FACTOR_MIN_CHANNELS[mode])
+    if not images:
+        return torch.full((len(plan.queries), kappa), float("inf"))
+    keep = kappa + (BF16_MARGIN if mode == "bf16" else 0)
+    bounds = np.linspace(0, len(plan.queries), -(-len(plan.queries) // QUERY_TILE) + 1).astype(int)
+    tiles = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+    best = [_Best(rows.stop - rows.start, keep) for rows in tiles]
+    offset = 0
+    for image in images:
+        gallery = plan.gallery(image)
+        for rows, found in zip(tiles, best):
+            found.offer(plan.distances(gallery, rows), offset)
+        offset += gallery.pixels
+    for found in best:
+        found.merge()
+    # Each query's best `keep` candidates by ranking distance, now measured exactly.
+    ids = torch.cat([found.ids for found in best])
+    exact = _exact(plan.queries, images, ids, torch.cat([found.values for found in best]).isfinite())
+    return exact.sort(dim=1).values[:, :kappa]
 
 
-def _exact_sq_distances(queries: torch.Tensor, tile: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """sum((q - g)^2) for each query row and each of its candidate gallery rows."""
-    gathered = tile[candidates]  # (P, c, C)
-    diff = gathered - queries[:, None, :]
-    return (diff * diff).sum(-1)
+@dataclass(frozen=True)
+class _Axis:
+    """Bilinear upsampling of one axis from n to N samples, weighted exactly as ``F.interpolate`` does."""
+
+    matrix: torch.Tensor  # (N, n): upsampled = matrix @ native
+    first: torch.Tensor  # (N,) lower native tap
+    second: torch.Tensor  # (N,) upper native tap, clamped at the border
+    weight_first: torch.Tensor  # (N,)
+    weight_second: torch.Tensor  # (N,), 0 where the taps coincide
+
+
+@lru_cache(maxsize=64)
+def _axis(n: int, size: int) -> _Axis:
+    basis = torch.eye(n)[:, None, :]
+    matrix = F.interpolate(basis, size=size, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
+    first = (matrix > 0).int().argmax(1)
+    second = (first + 1).clamp(max=n - 1)
+    rows = torch.arange(size)
+    weight_second = torch.where(second > first, matrix[rows, second], 0.0)
+    return _Axis(matrix, first, second, matrix[rows, first], weight_second)
+
+
+def _upsample(level: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H * W, C) rows of a pixel-major (h, w, C) level upsampled bilinearly, as two small products."""
+    h, w, channels = level.shape
+    if (h, w) == size:
+        return level.reshape(-1, channels)
+    down = _axis(h, size[0]).matrix @ level.reshape(h, w * channels)
+    return (_axis(w, size[1]).matrix @ down.reshape(size[0], w, channels)).reshape(-1, channels)
+
+
+def _interpolate(
+    products: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Upsample (h * w, X) rows over their (h, w) grid to (H * W, X), into ``out`` if given. X is
+    the channel axis of a channels-last image, the layout in which torch interpolates fastest."""
+    image = products.view(1, *grid, -1).permute(0, 3, 1, 2)
+    target = None if out is None else out.view(1, *size, -1).permute(0, 3, 1, 2)
+    if target is None:
+        upsampled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    else:
+        upsampled = torch.ops.aten.upsample_bilinear2d.out(image, list(size), False, None, None, out=target)
+    return upsampled.permute(0, 2, 3, 1).reshape(size[0] * size[1], -1)
+
+
+@dataclass
+class _GalleryImage:
+    direct: torch.Tensor  # (H * W, C_direct + 4) operand of the finest-grid product
+    spread: torch.Tensor  # (H * W,) what interpolating squared distances adds (see _mix_spread)
+    products: list[torch.Tensor]  # per native level: (P, h_l * w_l) query-upsampled squared distances
+    grids: list[tuple[int, int]]  # per native level: (h_l, w_l)
+    size: tuple[int, int]  # finest grid (H, W)
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+class _Plan:
+    """The query side of one search, and how each gallery image is multiplied with it.
+
+    Thin levels are upsampled and multiplied on the finest grid, in ``dtype``. Thick coarse
+    levels (``native_from`` channels or more) are multiplied at native resolution on both
+    sides, in float32 as that is cheap there, and the products are interpolated: over the
+    query grid once per gallery image, then over the gallery grid per query tile.
+    """
+
+    def __init__(self, query: list[torch.Tensor], dtype: torch.dtype, native_from: int) -> None:
+        self.dtype = dtype
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.size = tuple(query[0].shape[:2])
+        self.channels = [part.shape[-1] for part in query]
+        self.native = [level > 0 and c >= native_from for level, c in enumerate(self.channels)]
+        self.queries = torch.cat([_upsample(part, self.size) for part in query], 1)
+        # Distances do not change when both sides move by the same vector; centring on the
+        # query's mean pixel shrinks the norms, and with them the products' rounding errors.
+        self.centers = [part.reshape(-1, part.shape[-1]).mean(0) for part in query]
+        centred = [part - center for part, center in zip(query, self.centers)]
+        self.direct = _operand(self._direct(centred, self.size), dtype, query=True)
+        self.factored = [(_operand(part.reshape(-1, part.shape[-1]), torch.float32, query=True), tuple(part.shape[:2]))
+                         for part, native in zip(centred, self.native) if native]
+
+    def _direct(self, levels: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """(H * W, C_direct): the levels multiplied on the finest grid, upsampled and stacked."""
+        return torch.cat([_upsample(part, size) for part, native in zip(levels, self.native) if not native], 1)
+
+    def gallery(self, levels: list[torch.Tensor]) -> _GalleryImage:
+        if [level.shape[-1] for level in levels] != self.channels:
+            raise ValueError(f"query levels have {self.channels} channels, gallery levels "
+                             f"{[level.shape[-1] for level in levels]}")
+        size = tuple(levels[0].shape[:2])
+        centred = [torch.sub(level, center) for level, center in zip(levels, self.centers)]  # float32
+        spread = torch.zeros(size[0] * size[1])
+        products, grids = [], []
+        for part, (operand, query_grid) in zip([p for p, n in zip(centred, self.native) if n], self.factored):
+            grid = tuple(part.shape[:2])
+            spread += _mix_spread(part, _axis(grid[0], size[0]), _axis(grid[1], size[1]))
+            native = _matmul(operand, _operand(part.reshape(-1, part.shape[-1]), torch.float32, query=False))
+            products.append(_interpolate(native, query_grid, self.size))
+            grids.append(grid)
+        direct = _operand(self._direct(centred, size), self.dtype, query=False)
+        return _GalleryImage(direct, spread, products, grids, size)
+
+    def distances(self, gallery: _GalleryImage, rows: slice) -> torch.Tensor:
+        """(G, P_t) float32 ranking distances of query rows ``rows``, gallery-major, G padded with
+        +inf rows to a multiple of CHUNK. Each is the squared distance, plus the query's own
+        interpolation spread when levels are native (the same for all its candidates).
+
+        The blocks are tens of MB, written once per gallery image: they are reused, as fresh
+        ones would cost a page fault per 4 KiB each time.
+        """
+        queries = self.direct[rows]
+        out = self._buffer("out", (-(-gallery.pixels // CHUNK) * CHUNK, len(queries)))
+        out[gallery.pixels :] = float("inf")
+        body = out[: gallery.pixels]
+        body.copy_(_matmul(gallery.direct, queries))
+        for products, grid in zip(gallery.products, gallery.grids):
+            mixed = self._buffer("mixed", body.shape)
+            body.add_(_interpolate(products[rows].T.contiguous(), grid, gallery.size, out=mixed))
+        if gallery.products:
+            body.sub_(gallery.spread[:, None])
+        return out
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self._buffers or self._buffers[name].shape != shape:
+            self._buffers[name] = torch.empty(shape)
+        return self._buffers[name]
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T``. torch hands float32 products to MKL, which runs only its AVX2 code on AMD
+    CPUs; oneDNN (torch's bfloat16 path anyway) uses AVX-512 there: twice as fast, same fp32."""
+    if a.dtype == torch.float32 and _onednn_float32():
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return a @ b.T
+
+
+@lru_cache(maxsize=1)
+def _onednn_float32() -> bool:
+    """Whether this torch build has oneDNN's linear, and it agrees with torch.mm."""
+    a, b = torch.randn(8, 16), torch.randn(4, 16)
+    try:
+        product = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        return bool(torch.allclose(product, a @ b.T, atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _operand(x: torch.Tensor, dtype: torch.dtype, query: bool) -> torch.Tensor:
+    """``[-2 x, |x|^2 hi, lo, 1, 1]`` for queries, ``[x, 1, 1, |x|^2 hi, lo]`` for the gallery.
+
+    A query row times a gallery row is then |q|^2 + |g|^2 - 2 q.g: the squared distance itself
+    comes out of the product, with the norms kept to twice the precision of ``dtype``.
+    """
+    norms = x.pow(2).sum(1)
+    hi = norms.to(dtype)
+    halves = torch.stack([hi, (norms - hi.float()).to(dtype)], 1)
+    ones = torch.ones(len(x), 2, dtype=dtype)
+    return torch.cat([(-2.0 * x).to(dtype), halves, ones] if query else [x.to(dtype), ones, halves], 1)
+
+
+def _mix_spread(level: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
+    """Per upsampled pixel, sum_t w_t |b_t|^2 - |sum_t w_t b_t|^2 over its four native taps b_t.
+
+    That is the taps' weighted spread sum_{s<t} w_s w_t |b_s - b_t|^2, so it only needs the
+    squared distances between neighbouring native pixels: four maps over the (h, w, C) level
+    (entries past the border are never weighted).
+    """
+    def gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(level.shape[:2])
+        out[: a.shape[0], : a.shape[1]] = (a - b).pow(2).sum(-1)
+        return out
+
+    b = level
+    across, down = gap(b[:, :-1], b[:, 1:]), gap(b[:-1], b[1:])
+    diagonal, anti = gap(b[:-1, :-1], b[1:, 1:]), gap(b[:-1, 1:], b[1:, :-1])
+    y0, y1 = rows.first[:, None], rows.second[:, None]
+    wy0, wy1 = rows.weight_first[:, None], rows.weight_second[:, None]
+    x0, x1, wx0, wx1 = cols.first[None], cols.second[None], cols.weight_first[None], cols.weight_second[None]
+    spread = wx0 * wx1 * (wy0 * wy0 * across[y0, x0] + wy1 * wy1 * across[y1, x0])
+    spread += wy0 * wy1 * (wx0 * wx0 * down[y0, x0] + wx1 * wx1 * down[y0, x1])
+    spread += wy0 * wy1 * wx0 * wx1 * (diagonal[y0, x0] + anti[y0, x0])
+    return spread.reshape(-1)
+
+
+class _Best:
+    """Each query's ``keep`` smallest ranking distances, and the gallery pixels they belong to.
+
+    Distances arrive as (G, P_t) blocks, one per gallery image. Minima of CHUNK-row chunks come
+    first (``amin`` along rows is ten times faster than any index-returning reduction here).
+    The ``keep`` smallest entries of a column lie in its ``keep`` chunks with the smallest
+    minima; and once a query has ``keep`` candidates, only chunks whose minimum beats the
+    worst of them can matter, which after the nearest images is about one chunk per query
+    per image. Candidates are collected and merged (sorted) only now and then.
+    """
+
+    def __init__(self, count: int, keep: int) -> None:
+        self.values = torch.full((count, keep), float("inf"))
+        self.ids = torch.full((count, keep), -1, dtype=torch.long)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._size = 0
+
+    def offer(self, distances: torch.Tensor, offset: int) -> None:
+        count, keep = self.values.shape
+        bound = self.values[:, -1]
+        minima = distances.view(-1, CHUNK, count).amin(1)
+        chunk, query = (minima < bound).nonzero(as_tuple=True)
+        if len(chunk) > keep * count:  # no useful bound yet: each query's `keep` best chunks
+            chunk = minima.T.topk(min(keep, len(minima)), dim=1, largest=False).indices.reshape(-1)
+            query = torch.arange(count).repeat_interleave(len(chunk) // count)
+        rows = (chunk[:, None] * CHUNK + torch.arange(CHUNK)).reshape(-1)
+        query = query.repeat_interleave(CHUNK)
+        values = distances[rows, query]
+        useful = values < bound[query]
+        self._pending.append((values[useful], query[useful], rows[useful] + offset))
+        self._size += int(useful.sum())
+        if self._size > 4 * self.values.numel():
+            self.merge()
+
+    def merge(self) -> None:
+        """Fold the collected candidates into each query's ``keep`` best."""
+        if not self._pending:
+            return
+        count, keep = self.values.shape
+        values = torch.cat([self.values.reshape(-1), *(v for v, _, _ in self._pending)])
+        query = torch.cat([torch.arange(count).repeat_interleave(keep), *(q for _, q, _ in self._pending)])
+        ids = torch.cat([self.ids.reshape(-1), *(i for _, _, i in self._pending)])
+        self._pending, self._size = [], 0
+        order = values.argsort(stable=True)
+        order = order[query[order].argsort(stable=True)]  # by query, then by value
+        query = query[order]
+        rank = torch.arange(len(query)) - torch.searchsorted(query, query)
+        kept = rank < keep
+        self.values[query[kept], rank[kept]] = values[order[kept]]
+        self.ids[query[kept], rank[kept]] = ids[order[kept]]
+
+
+def _exact(
+    queries: torch.Tensor, images: list[list[torch.Tensor]], ids: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """sum((q - g)^2) in float32 for each query and each of its candidate gallery pixels ``ids``."""
+    sizes = torch.tensor([image[0].shape[0] * image[0].shape[1] for image in images])
+    starts = torch.cumsum(sizes, 0) - sizes
+    owner = torch.bucketize(ids, starts, right=True) - 1
+    out = torch.full(ids.shape, float("inf"))
+    for n in owner[valid].unique().tolist():
+        p, j = (valid & (owner == n)).nonzero(as_tuple=True)
+        pixels = _upsampled_pixels(images[n], ids[p, j] - starts[n])
+        out[p, j] = (queries[p] - pixels).pow(2).sum(1)
+    return out
+
+
+def _upsampled_pixels(levels: list[torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+    """(M, C) float32 stacked-pyramid vectors of the given finest-grid pixels of one image.
+
+    Mixes each coarse level's four taps in the order ``F.interpolate`` does (across, then down).
+    """
+    height, width, _ = levels[0].shape
+    y, x = pixels // width, pixels % width
+    parts = [levels[0].reshape(height * width, -1).index_select(0, pixels).float()]
+    for level in levels[1:]:
+        h, w, channels = level.shape
+        rows, cols = _axis(h, height), _axis(w, width)
+        flat = level.reshape(h * w, channels)
+
+        def across(r: torch.Tensor) -> torch.Tensor:
+            left = flat.index_select(0, r * w + cols.first[x]).float()
+            right = flat.index_select(0, r * w + cols.second[x]).float()
+            return cols.weight_first[x, None] * left + cols.weight_second[x, None] * right
+
+        down = rows.weight_first[y, None] * across(rows.first[y])
+        parts.append(down + rows.weight_second[y, None] * across(rows.second[y]))
+    return torch.cat(parts, 1)

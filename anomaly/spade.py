@@ -18,7 +18,7 @@ import torch
 from . import search
 from .backbones import FeatureExtractor, load_extractor
 from .bank import TAU_QUANTILE, BankError, NormalBank, PyramidSpill
-from .features import Progress, iter_batches, stack_pyramid
+from .features import Progress, iter_batches
 from .postprocess import DEFAULT_SIGMA, to_image_map
 from .sources import InputItem
 from .threads import compute_lock, configure_threads
@@ -196,7 +196,7 @@ class SPADE:
         for index in chosen:
             _, neighbours = bank.nearest(bank.global_features[index : index + 1], min(self.k, len(bank) - 1) + 1)
             others = [n for n in neighbours[0] if n != index][: min(self.k, len(bank) - 1)]
-            raw = self.raw_map(bank.pixel_features(int(index)), np.asarray(others), bank)
+            raw = self.raw_map([level[index] for level in bank.pyramid], np.asarray(others), bank)
             side = bank.identity.image_size
             maxima.append(to_image_map(raw, side, (side, side), self.sigma).max())
             if progress is not None:
@@ -217,7 +217,6 @@ class SPADE:
             ok = batch.ok
             if ok:
                 distances, neighbours = self.nearest_images(batch.global_features)
-                stacked = stack_pyramid(batch.pyramid) if need_maps else None
             row = 0
             for entry in batch.loaded:
                 if entry.error is not None:
@@ -232,7 +231,7 @@ class SPADE:
                     size=entry.size,
                 )
                 if need_maps:
-                    self._attach_map(result, stacked[row])
+                    self._attach_map(result, [level[row] for level in batch.pyramid])
                 result.score = result.map_max if self.image_score == "map-max" else result.knn_score
                 row += 1
                 yield result
@@ -250,18 +249,20 @@ class SPADE:
         order = np.argsort(distances, axis=1, kind="stable")
         return np.take_along_axis(distances, order, 1), np.take_along_axis(neighbours, order, 1)
 
-    def raw_map(self, features: torch.Tensor, neighbours: np.ndarray, bank: NormalBank | None = None) -> torch.Tensor:
-        """(h, w) mean squared distance of each pixel of ``features`` (C, h, w) to its kappa
-        nearest pixels among all pixels of the ``neighbours`` normal images."""
+    def raw_map(
+        self, levels: Sequence[torch.Tensor | np.ndarray], neighbours: np.ndarray, bank: NormalBank | None = None
+    ) -> torch.Tensor:
+        """(h, w) mean squared distance of each pixel of an image's pyramid ``levels`` ((C_l, h_l, w_l),
+        finest first) to its kappa nearest pixels among all pixels of the ``neighbours`` normal images,
+        every level compared as if upsampled to the finest grid and concatenated (see search.pyramid_knn)."""
         bank = bank or self.bank
-        channels, height, width = features.shape
-        queries = features.permute(1, 2, 0).reshape(-1, channels)
+        height, width = levels[0].shape[-2:]
         with compute_lock:
-            nearest = search.pixel_knn(queries, bank.gallery(neighbours), self.kappa, self.precision)
+            nearest = search.pyramid_knn(levels, bank.pyramid, neighbours, self.kappa, self.precision)
         return nearest.mean(dim=1).reshape(height, width)
 
-    def _attach_map(self, result: ImageResult, features: torch.Tensor) -> None:
-        raw = self.raw_map(features, result.neighbours)
+    def _attach_map(self, result: ImageResult, levels: list[torch.Tensor]) -> None:
+        raw = self.raw_map(levels, result.neighbours)
         result.anomaly_map = to_image_map(raw, self.bank.identity.image_size, result.size, self.sigma)
         result.map_max = float(result.anomaly_map.max())
 

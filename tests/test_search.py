@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from anomaly import search
+from anomaly.features import stack_pyramid
 
 
 def brute_force(queries: np.ndarray, gallery: np.ndarray, kappa: int) -> np.ndarray:
@@ -12,39 +14,140 @@ def brute_force(queries: np.ndarray, gallery: np.ndarray, kappa: int) -> np.ndar
     return np.sort(d, axis=1)[:, :kappa]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("kappa", [1, 3])
-def test_pixel_knn_matches_brute_force(precision, kappa, monkeypatch):
-    monkeypatch.setattr(search, "GALLERY_TILE", 37)  # several tiles, one ragged
-    monkeypatch.setattr(search, "QUERY_TILE", 50)
-    rng = np.random.default_rng(0)
-    queries = rng.normal(size=(130, 24)).astype(np.float32)
-    gallery = rng.normal(size=(300, 24)).astype(np.float32)
-    blocks = [torch.from_numpy(gallery[:120]), torch.from_numpy(gallery[120:])]
-    got = search.pixel_knn(torch.from_numpy(queries), blocks, kappa=kappa, precision=precision).numpy()
-    want = brute_force(queries, gallery, kappa)
+def assert_matches(got: torch.Tensor, want: np.ndarray, precision: str) -> None:
+    got = got.numpy()
     if precision == "fp32":
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     else:
         # bf16 only ranks candidates; returned values are exact distances to real gallery rows,
-        # so they can only be >= the true nearest and rarely differ from it.
+        # so they can only be >= the true nearest, and with the margin they practically never differ.
         assert np.all(got >= want - 1e-4)
         assert np.mean(np.isclose(got, want, rtol=1e-5, atol=1e-5)) > 0.97
         np.testing.assert_allclose(got, want, rtol=0.05)
 
 
+def random_pyramid(rng, count: int, channels=(6, 10, 12), size=(16, 12)) -> list[np.ndarray]:
+    """Float16 levels at strides 1, 2, 4 of ``size`` (odd sizes too), like the bank's memory maps."""
+    shapes = [(-(-size[0] // s), -(-size[1] // s)) for s in (1, 2, 4)]
+    return [rng.normal(size=(count, c, *hw)).astype(np.float16) for c, hw in zip(channels, shapes)]
+
+
+def stacked_pixels(levels: list[np.ndarray]) -> np.ndarray:
+    """(images x pixels, C) float32 rows of the stacked pyramid, the naive gallery."""
+    stacked = stack_pyramid([torch.from_numpy(level.astype(np.float32)) for level in levels])
+    return stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1]).numpy()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_pixel_knn_matches_brute_force(precision, kappa, monkeypatch):
+    monkeypatch.setattr(search, "GALLERY_TILE", 37)  # several tiles, one ragged, padded chunks
+    monkeypatch.setattr(search, "QUERY_TILE", 50)
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(130, 24)).astype(np.float32)
+    gallery = rng.normal(size=(300, 24)).astype(np.float32)
+    blocks = [torch.from_numpy(gallery[:120]), torch.from_numpy(gallery[120:])]
+    got = search.pixel_knn(torch.from_numpy(queries), blocks, kappa=kappa, precision=precision)
+    assert_matches(got, brute_force(queries, gallery, kappa), precision)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("factor_min_channels", [8, 1000])  # coarse levels at native resolution, or upsampled
+@pytest.mark.parametrize("size", [(16, 12), (15, 9)])
+def test_pyramid_knn_equals_search_of_the_upsampled_gallery(precision, factor_min_channels, size, monkeypatch):
+    monkeypatch.setattr(search, "FACTOR_MIN_CHANNELS", {"fp32": factor_min_channels, "bf16": factor_min_channels})
+    monkeypatch.setattr(search, "QUERY_TILE", 70)
+    rng = np.random.default_rng(1)
+    bank = random_pyramid(rng, 6, size=size)
+    neighbours = np.array([4, 0, 2])
+    query = random_pyramid(rng, 1, size=size)
+    gallery = stacked_pixels([level[np.sort(neighbours)] for level in bank])
+    for kappa in (1, 4):
+        got = search.pyramid_knn([torch.from_numpy(level[0]) for level in query], bank, neighbours, kappa, precision)
+        assert_matches(got, brute_force(stacked_pixels(query), gallery, kappa), precision)
+
+
+@pytest.mark.parametrize("native_from", [8, 1000])
+def test_pyramid_knn_finds_each_image_in_itself(native_from, monkeypatch):
+    """Every pixel of a bank image is at distance 0 from itself, however it was interpolated."""
+    monkeypatch.setattr(search, "FACTOR_MIN_CHANNELS", {"fp32": native_from, "bf16": native_from})
+    rng = np.random.default_rng(2)
+    bank = random_pyramid(rng, 4)
+    for precision in ("fp32", "bf16"):
+        got = search.pyramid_knn([torch.from_numpy(level[2]) for level in bank], bank, np.arange(4), 2, precision)
+        np.testing.assert_allclose(got[:, 0].numpy(), 0.0, atol=1e-5)
+        assert (got[:, 1] > 0).all()
+
+
+def test_pyramid_knn_does_not_depend_on_neighbour_order():
+    rng = np.random.default_rng(6)
+    bank = random_pyramid(rng, 5)
+    query = [torch.from_numpy(level[0]) for level in random_pyramid(rng, 1)]
+    first = search.pyramid_knn(query, bank, np.array([3, 1, 4]), 2, "fp32")
+    np.testing.assert_array_equal(search.pyramid_knn(query, bank, np.array([4, 3, 1]), 2, "fp32"), first)
+    # numpy levels (a bank image's own, read-only memory maps included) are accepted as queries
+    readonly = [np.asarray(level[0]) for level in random_pyramid(rng, 1)]
+    for level in readonly:
+        level.flags.writeable = False
+    search.pyramid_knn(readonly, bank, np.array([0]), 1, "fp32")
+
+
+def test_kappa_beyond_a_tile_and_beyond_the_gallery(monkeypatch):
+    monkeypatch.setattr(search, "GALLERY_TILE", 16)
+    rng = np.random.default_rng(3)
+    queries = rng.normal(size=(9, 5)).astype(np.float32)
+    gallery = rng.normal(size=(40, 5)).astype(np.float32)
+    got = search.pixel_knn(torch.from_numpy(queries), torch.from_numpy(gallery), kappa=35, precision="fp32")
+    np.testing.assert_allclose(got.numpy(), brute_force(queries, gallery, 35), rtol=1e-5, atol=1e-5)
+    small = search.pixel_knn(torch.from_numpy(queries), torch.from_numpy(gallery[:3]), kappa=5, precision="bf16")
+    np.testing.assert_allclose(small[:, :3].numpy(), brute_force(queries, gallery[:3], 3), rtol=1e-5, atol=1e-5)
+    assert torch.isinf(small[:, 3:]).all()  # fewer gallery pixels than kappa: the rest are infinitely far
+
+
 def test_pixel_knn_exact_on_duplicates_and_zero_distance():
     gallery = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)
-    got = search.pixel_knn(torch.from_numpy(np.eye(4, dtype=np.float32)), [torch.from_numpy(gallery)], 2, "fp32")
-    np.testing.assert_array_equal(got.numpy(), np.zeros((4, 2), np.float32))
+    for precision in ("fp32", "bf16"):
+        got = search.pixel_knn(torch.from_numpy(np.eye(4, dtype=np.float32)), [torch.from_numpy(gallery)], 2, precision)
+        np.testing.assert_array_equal(got.numpy(), np.zeros((4, 2), np.float32))
 
 
-def test_pixel_knn_rejects_bad_kappa_and_precision():
+def test_ties_return_the_tied_distance():
+    """Many gallery rows at exactly the same distance: any of them is a correct neighbour."""
+    gallery = np.zeros((200, 3), np.float32)
+    gallery[:, 0] = np.tile([1.0, -1.0], 100)
+    got = search.pixel_knn(torch.zeros(5, 3), torch.from_numpy(gallery), kappa=3, precision="fp32")
+    np.testing.assert_array_equal(got.numpy(), np.ones((5, 3), np.float32))
+
+
+def test_mix_spread_is_what_interpolating_squared_distances_adds():
+    rng = np.random.default_rng(4)
+    level = torch.from_numpy(rng.normal(size=(5, 7, 6)).astype(np.float32))
+    for size in [(28, 24), (10, 9), (7, 6)]:
+        rows, cols = search._axis(7, size[0]), search._axis(6, size[1])
+        up = F.interpolate(level[None], size=size, mode="bilinear", align_corners=False)[0]
+        mean_sq = F.interpolate(level.pow(2).sum(0)[None, None], size=size, mode="bilinear", align_corners=False)
+        want = (mean_sq[0, 0] - up.pow(2).sum(0)).reshape(-1)
+        got = search._mix_spread(level.permute(1, 2, 0), rows, cols)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+
+def test_upsampled_pixels_match_stack_pyramid():
+    rng = np.random.default_rng(5)
+    levels = [level[0] for level in random_pyramid(rng, 1, size=(15, 9))]
+    want = stacked_pixels([level[None] for level in levels])
+    pixels = torch.tensor([0, 8, 9, 77, 134])
+    got = search._upsampled_pixels([torch.from_numpy(level).permute(1, 2, 0) for level in levels], pixels)
+    np.testing.assert_allclose(got.numpy(), want[pixels.numpy()], atol=1e-6)
+
+
+def test_pixel_knn_rejects_bad_kappa_precision_and_channels():
     q = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="kappa"):
         search.pixel_knn(q, [q], kappa=0)
     with pytest.raises(ValueError, match="precision"):
         search.pixel_knn(q, [q], precision="fp8")
+    with pytest.raises(ValueError, match="channels"):
+        search.pixel_knn(q, [torch.zeros(2, 4)])
 
 
 def test_knn_and_index_agree_with_brute_force():
