@@ -19,17 +19,16 @@ Two searches serve SPADE:
     pixel is a bilinear mix of four native ones, so its squared distances are the same
     mix of theirs less the mix's own spread (:func:`_mix_spread`); interpolating native
     products costs a small fraction of multiplying upsampled pixels (1/256 at level 3).
-    Thin levels are upsampled and multiplied on the finest grid, in bfloat16 where the
-    CPU has it.
+    Thin levels are upsampled and multiplied on the finest grid.
   - Each query keeps its best candidates through a two-stage search (minima of 8-pixel
     chunks first: torch's index-returning reductions are ten times slower than
     ``amin``). With the nearest images searched first, most chunks of the later ones
     are ruled out by a single comparison.
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
     float32 from the bank's values: returned scores are exact distances to real gallery
-    pixels, and the ranking precision only decides which pixels those are. bfloat16
-    ranking keeps BF16_MARGIN extra candidates per query; bench/bench.py reports how
-    often it still ends on a farther neighbour than float32 does.
+    pixels, and the ranking precision only decides which pixels those are. Ranking in
+    bfloat16 (opt-in, see :func:`resolve_precision`) keeps BF16_MARGIN extra candidates
+    per query; bench/bench.py reports how often it still ends on a farther neighbour.
 
 All distances are *squared* Euclidean, as in the paper's equations.
 """
@@ -91,8 +90,12 @@ def bf16_supported() -> bool:
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
+    """The ranking precision a setting means. "auto" is float32 on every CPU: bfloat16 ranking is
+    only 1.2-1.4x faster here (the float32 products are no longer most of the work) and on
+    mvtec_bottle_448 it left about 1% of pixels with a farther neighbour (bench/bench.py
+    --section pixel), so it is opt-in."""
     if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
+        return "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     return precision
@@ -213,7 +216,7 @@ def _interpolate(
 @dataclass
 class _GalleryImage:
     direct: torch.Tensor  # (H * W, C_direct + 4) operand of the finest-grid product
-    spread: torch.Tensor  # (H * W,) what interpolating squared distances adds (see _mix_spread)
+    spread: torch.Tensor | None  # (H * W,) what interpolating squared distances adds, unless folded in
     products: list[torch.Tensor]  # per native level: (P, h_l * w_l) query-upsampled squared distances
     grids: list[tuple[int, int]]  # per native level: (h_l, w_l)
     size: tuple[int, int]  # finest grid (H, W)
@@ -265,26 +268,34 @@ class _Plan:
             native = _matmul(operand, _operand(part.reshape(-1, part.shape[-1]), torch.float32, query=False))
             products.append(_interpolate(native, query_grid, self.size))
             grids.append(grid)
-        direct = _operand(self._direct(centred, size), self.dtype, query=False)
-        return _GalleryImage(direct, spread, products, grids, size)
+        # In float32 the spread can ride in the norm column; a bfloat16 product would round
+        # it with the rest, so it is subtracted afterwards.
+        stacked = self._direct(centred, size)
+        norms = stacked.pow(2).sum(1) - (spread if self.dtype == torch.float32 else 0)
+        direct = _operand(stacked, self.dtype, query=False, norms=norms)
+        return _GalleryImage(direct, None if self.dtype == torch.float32 else spread, products, grids, size)
 
     def distances(self, gallery: _GalleryImage, rows: slice) -> torch.Tensor:
         """(G, P_t) float32 ranking distances of query rows ``rows``, gallery-major, G padded with
         +inf rows to a multiple of CHUNK. Each is the squared distance, plus the query's own
         interpolation spread when levels are native (the same for all its candidates).
 
-        The blocks are tens of MB, written once per gallery image: they are reused, as fresh
-        ones would cost a page fault per 4 KiB each time.
+        The padded block and the interpolation target are reused: fresh ones of this size cost a
+        page fault per 4 KiB on every call (the float32 product is used as it comes when it
+        needs no padding, which measured faster than copying it).
         """
-        queries = self.direct[rows]
-        out = self._buffer("out", (-(-gallery.pixels // CHUNK) * CHUNK, len(queries)))
-        out[gallery.pixels :] = float("inf")
-        body = out[: gallery.pixels]
-        body.copy_(_matmul(gallery.direct, queries))
+        product = _matmul(gallery.direct, self.direct[rows])
+        if product.dtype == torch.float32 and gallery.pixels % CHUNK == 0:
+            out = body = product
+        else:
+            out = self._buffer("out", (-(-gallery.pixels // CHUNK) * CHUNK, product.shape[1]))
+            out[gallery.pixels :] = float("inf")
+            body = out[: gallery.pixels]
+            body.copy_(product)
         for products, grid in zip(gallery.products, gallery.grids):
             mixed = self._buffer("mixed", body.shape)
             body.add_(_interpolate(products[rows].T.contiguous(), grid, gallery.size, out=mixed))
-        if gallery.products:
+        if gallery.spread is not None and gallery.products:
             body.sub_(gallery.spread[:, None])
         return out
 
@@ -313,13 +324,13 @@ def _onednn_float32() -> bool:
         return False
 
 
-def _operand(x: torch.Tensor, dtype: torch.dtype, query: bool) -> torch.Tensor:
+def _operand(x: torch.Tensor, dtype: torch.dtype, query: bool, norms: torch.Tensor | None = None) -> torch.Tensor:
     """``[-2 x, |x|^2 hi, lo, 1, 1]`` for queries, ``[x, 1, 1, |x|^2 hi, lo]`` for the gallery.
 
     A query row times a gallery row is then |q|^2 + |g|^2 - 2 q.g: the squared distance itself
     comes out of the product, with the norms kept to twice the precision of ``dtype``.
     """
-    norms = x.pow(2).sum(1)
+    norms = x.pow(2).sum(1) if norms is None else norms
     hi = norms.to(dtype)
     halves = torch.stack([hi, (norms - hi.float()).to(dtype)], 1)
     ones = torch.ones(len(x), 2, dtype=dtype)

@@ -141,6 +141,7 @@ def test_upsampled_pixels_match_stack_pyramid():
 
 
 def test_pixel_knn_rejects_bad_kappa_precision_and_channels():
+    assert search.resolve_precision("auto") == "fp32"  # bfloat16 ranking is opt-in (it can move neighbours)
     q = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="kappa"):
         search.pixel_knn(q, [q], kappa=0)

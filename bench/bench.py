@@ -1,0 +1,362 @@
+"""Benchmarks of the SPADE engine on this machine; every section prints one table.
+
+    python bench/bench.py --dataset ../shared/datasets/magnetic_tile --backbone efficientnet_lite0
+    python bench/bench.py --backbone wide_resnet50_2 --weights random --train 100 --section pixel
+
+Sections (``--section``, repeatable; default all but ``bank5000``):
+
+* ``pixel``      pixel maps at K neighbours: the naive reference (torch.cdist of all query pixels
+                 against the whole gallery, then the minimum) against the library's search with
+                 float32 and bfloat16 ranking, on the same features; achieved FLOP/s against this
+                 machine's own matrix-multiply throughput measured in the same run; how often
+                 bfloat16 ranking ends on a farther neighbour.
+* ``accuracy``   pixel ROC AUC / PRO (and image ROC AUC) of the exact float32 search and the
+                 bfloat16-ranked one over the whole test set, and how far their maps differ.
+* ``throughput`` bank building and image-level scoring in images/s against the backbone's bare
+                 forward pass on the same batch.
+* ``memory``     bank bytes per normal image; peak resident memory while scoring 1, 4 and 16
+                 batches of images (streaming: it should not grow).
+* ``scaling``    image-level and pixel-level cost against the bank size (synthetic features).
+* ``bank5000``   build and score a bank of ``--synthetic`` generated normal images (default 500).
+
+Timings interleave the variants they compare and keep each one's best repeat, because other
+processes share the machine; ratios within one run are the figures to trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anomaly import SPADE, search  # noqa: E402
+from anomaly.bank import PyramidSpill  # noqa: E402
+from anomaly.datasets import MVTecCategory, load_mvtec_category  # noqa: E402
+from anomaly.demo import make_demo_dataset  # noqa: E402
+from anomaly.evaluation import evaluate  # noqa: E402
+from anomaly.features import iter_batches, load, stack_pyramid  # noqa: E402
+from anomaly.threads import configure_threads  # noqa: E402
+
+SECTIONS = ("pixel", "accuracy", "throughput", "memory", "scaling", "bank5000")
+
+
+# ---- measuring ------------------------------------------------------------------------
+def best_times(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall time of each variant, run in turns so that load from other processes hits all alike."""
+    best = {name: float("inf") for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+class PeakRSS:
+    """Peak resident memory of this process, sampled every few ms (ru_maxrss cannot be reset).
+
+    ``peak`` is all resident pages; ``peak_private`` leaves out file-backed ones, such as the
+    bank's memory-mapped pyramid, which the kernel can drop at any time.
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        self._process = psutil.Process()
+        info = self._process.memory_info()
+        self.start, self.start_private = info.rss, info.rss - info.shared
+        self.peak, self.peak_private = self.start, self.start_private
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while True:
+            info = self._process.memory_info()
+            self.peak = max(self.peak, info.rss)
+            self.peak_private = max(self.peak_private, info.rss - info.shared)
+            if self._stop.wait(0.005):
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def matmul_rate(dtype: torch.dtype, repeats: int = 5) -> float:
+    """This machine's matrix-multiply throughput (FLOP/s), (3136 x 1024) @ (1024 x 3136), through the
+    routine the search multiplies with (oneDNN; torch.mm's MKL float32 is slower on AMD CPUs)."""
+    a, b = torch.randn(3136, 1024).to(dtype), torch.randn(3136, 1024).to(dtype)
+    return 2 * 3136 * 1024 * 3136 / best_times({"mm": lambda: search._matmul(a, b)}, repeats)["mm"]
+
+
+def table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(c) for c in header]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n## {title}")
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+# ---- data -------------------------------------------------------------------------------
+def category(args) -> MVTecCategory:
+    data = load_mvtec_category(args.dataset)
+    if args.train:
+        data.train = data.train[:: max(1, len(data.train) // args.train)][: args.train]
+    return data
+
+
+def spread(items: list, count: int) -> list:
+    """``count`` items evenly spaced over the list (every defect type gets its share)."""
+    return [items[i] for i in np.linspace(0, len(items) - 1, min(count, len(items))).round().astype(int)]
+
+
+def model(args, **params) -> SPADE:
+    return SPADE(args.backbone, args.weights, k=args.k, kappa=args.kappa, batch_size=args.batch, **params)
+
+
+def test_features(fitted: SPADE, items: list) -> list[tuple[list[torch.Tensor], torch.Tensor, np.ndarray]]:
+    """Per test image: its pyramid levels, the same stacked as query pixels (P, C), its K neighbours."""
+    out = []
+    for batch in iter_batches(fitted.extractor, items, fitted.batch_size):
+        _, neighbours = fitted.nearest_images(batch.global_features)
+        for row, (stacked, nearest) in enumerate(zip(stack_pyramid(batch.pyramid), neighbours)):
+            pixels = stacked.permute(1, 2, 0).reshape(-1, stacked.shape[0]).contiguous()
+            out.append(([level[row] for level in batch.pyramid], pixels, nearest))
+    return out
+
+
+def gemm_flops(channels: list[int], grids: list[tuple[int, int]], images: int, precision: str) -> tuple[float, float]:
+    """(nominal, executed) multiply-add FLOPs per query image. Nominal: every stacked query pixel
+    against every stacked gallery pixel. Executed: thick coarse levels go native on both sides."""
+    pixels = grids[0][0] * grids[0][1]
+    native = [level > 0 and c >= search.FACTOR_MIN_CHANNELS[precision] for level, c in enumerate(channels)]
+    direct = sum(c for c, n in zip(channels, native) if not n) + 4
+    coarse = sum((c + 4) * (h * w) ** 2 for c, (h, w), n in zip(channels, grids, native) if n)
+    return 2.0 * images * pixels**2 * sum(channels), 2.0 * images * (pixels**2 * direct + coarse)
+
+
+# ---- sections ---------------------------------------------------------------------------
+def naive_nearest(queries: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.Tensor:
+    """The reference: torch.cdist of all query pixels against the whole gallery, then the minimum."""
+    return torch.cdist(queries, gallery).topk(kappa, dim=1, largest=False).values.pow(2)
+
+
+def section_pixel(args) -> None:
+    data = category(args)
+    fitted = model(args, calibration_images=0).fit(data.train)
+    bank = fitted.bank
+    cases = test_features(fitted, spread([entry.item for entry in data.test], args.test))
+    channels = [level.shape[1] for level in bank.pyramid]
+    grids = [tuple(level.shape[2:]) for level in bank.pyramid]
+    precisions = {"naive": "fp32", "fp32": "fp32", "bf16": "bf16"}
+    seconds: dict[str, list[float]] = {name: [] for name in precisions}
+    gaps, farther, rates = {"fp32": 0.0, "bf16": 0.0}, [], {}
+    for index, (query, queries, neighbours) in enumerate(cases):
+        stacked = stack_pyramid([torch.from_numpy(np.asarray(level[neighbours], np.float32)) for level in bank.pyramid])
+        gallery = stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1])
+        del stacked
+        out: dict[str, torch.Tensor] = {}
+        best = best_times({
+            name: lambda name=name: out.__setitem__(name, search.pyramid_knn(
+                query, bank.pyramid, neighbours, args.kappa, precisions[name])) for name in ("fp32", "bf16")
+        }, args.repeats)
+        best |= best_times({"naive": lambda: out.__setitem__("naive", naive_nearest(queries, gallery, args.kappa))},
+                           args.naive_repeats if index == 0 else 1)
+        del gallery
+        for name in seconds:
+            seconds[name].append(best[name])
+        for name in gaps:
+            relative = (out[name] - out["naive"]).abs() / out["naive"].clamp_min(1e-12)
+            gaps[name] = max(gaps[name], float(relative.max()))
+        farther.append(float((out["bf16"] > out["fp32"]).float().mean()))
+        if index == 0:  # the machine's own matrix-multiply throughput, in the same run
+            rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    images = len(cases[0][2])
+    naive = float(np.median(seconds["naive"]))
+    rows = []
+    default = search.resolve_precision("auto")
+    for name, label in (("naive", "naive torch.cdist + min"), ("fp32", "search, fp32 ranking" + " (default)" * (
+            default == "fp32")), ("bf16", "search, bf16 ranking" + " (default)" * (default == "bf16"))):
+        t, precision = float(np.median(seconds[name])), precisions[name]
+        nominal, executed = gemm_flops(channels, grids, images, precision)
+        flops = nominal if name == "naive" else executed
+        rows.append([label, t, naive / t, nominal / t / 1e9, flops / t / 1e9,
+                     f"{flops / t / rates[precision]:.0%} of {precision}", f"{gaps.get(name, 0.0):.2g}"])
+    table(f"Pixel maps: {args.backbone} ({bank.identity.weights}), K={images}, kappa={args.kappa}, "
+          f"{cases[0][1].shape[0]} query pixels, C={sum(channels)}, bank of {len(bank)}, {len(cases)} test images "
+          "(median of per-image best times)",
+          ["path", "s / image", "x naive", "nominal GFLOP/s", "executed GFLOP/s", "executed / matmul peak",
+           "max |d - naive| / naive"], rows)
+    print(f"Matmul peak here, (3136x1024) @ (1024x3136): fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
+          f"{rates['bf16'] / 1e9:.0f} GFLOP/s. Nominal = 2*P*G*C = {nominal / 1e12:.2f} TFLOP per image; the search "
+          f"executes {gemm_flops(channels, grids, images, 'fp32')[1] / 1e12:.2f} (fp32) and "
+          f"{gemm_flops(channels, grids, images, 'bf16')[1] / 1e12:.2f} (bf16): levels with at least "
+          f"{search.FACTOR_MIN_CHANNELS} channels are multiplied at native resolution. Speed-up of {default} per "
+          f"image {min(s / f for s, f in zip(seconds['naive'], seconds[default])):.1f}x-"
+          f"{max(s / f for s, f in zip(seconds['naive'], seconds[default])):.1f}x. Pixels whose bf16-ranked "
+          f"neighbour is farther than the fp32 one: {np.mean(farther):.4%}.")
+
+
+def section_accuracy(args) -> None:
+    data = category(args)
+    rows, maps = [], {}
+    for precision in ("fp32", "bf16"):
+        start = time.perf_counter()
+        report, scored = evaluate(data, model(args, precision=precision))
+        maps[precision] = [s.result.anomaly_map for s in scored]
+        rows.append([precision, report.image_auroc_knn, report.image_auroc_map_max, report.pixel_auroc, report.pro,
+                     report.seconds["per_test_image"], time.perf_counter() - start])
+    gaps = [float(np.abs(a - b).max()) for a, b in zip(maps["fp32"], maps["bf16"])]
+    scale = max(float(np.abs(m).max()) for m in maps["fp32"])
+    table(f"Accuracy: {Path(args.dataset).name}, {args.backbone}, K={args.k}, kappa={args.kappa}, "
+          f"{len(data.train)} train / {len(maps['fp32'])} test images",
+          ["ranking", "image AUROC (knn)", "image AUROC (map max)", "pixel AUROC", "PRO", "s / test image (maps)",
+           "total s"], rows)
+    print(f"max |map_bf16 - map_fp32| = {max(gaps):.4g} (largest map value {scale:.4g}); "
+          f"images whose maps differ at all: {np.mean([g > 0 for g in gaps]):.1%}")
+
+
+def section_throughput(args) -> None:
+    data = category(args)
+    fitted = model(args, calibration_images=0)
+    extractor = fitted.extractor
+    items = data.train[: args.throughput_images]
+    tests = [entry.item for entry in data.test][: args.throughput_images]
+    decoded = [load(item, extractor.identity).tensor for item in items]
+    batches = [torch.stack(decoded[i : i + args.batch]).contiguous(memory_format=torch.channels_last)
+               for i in range(0, len(decoded), args.batch)]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for x in batches:
+                extractor(x)
+
+    best = best_times({"bare": bare, "build": lambda: fitted.fit(items),
+                       "score": lambda: sum(1 for _ in fitted.score(tests))}, args.repeats)
+    rows = [["bare forward (decoded batches)", len(items) / best["bare"], 1.0],
+            ["bank build (decode + forward + spill)", len(items) / best["build"], best["bare"] / best["build"]],
+            ["image-level scoring (decode + forward + kNN)", len(tests) / best["score"],
+             best["bare"] / best["score"] * len(tests) / len(items)]]
+    table(f"Throughput: {args.backbone}, batch {args.batch}, {len(items)} train / {len(tests)} test images of "
+          f"{Path(args.dataset).name} (best of {args.repeats}, interleaved; build without calibration maps)",
+          ["stage", "images / s", "of bare forward"], rows)
+
+
+def section_memory(args) -> None:
+    data = category(args)
+    fitted = model(args, calibration_images=0).fit(data.train)
+    bank = fitted.bank
+    tests = [entry.item for entry in data.test]
+    rows = []
+    for count in (args.batch, 4 * args.batch, 16 * args.batch):
+        items = [tests[i % len(tests)] for i in range(count)]
+        with PeakRSS() as rss:
+            for result in fitted.score(items, maps=True):
+                result.anomaly_map = None  # a streaming consumer keeps what it needs, not every map
+        rows.append([count, mib(rss.start_private), mib(rss.peak_private), mib(rss.peak)])
+    table(f"Memory while scoring with maps, one run after another: {args.backbone}, batch {args.batch}, bank of "
+          f"{len(bank)} ({mib(bank.nbytes())}, {bank.nbytes() / len(bank) / 2**20:.2f} MiB per normal image)",
+          ["images scored", "private RSS before", "peak private RSS", "peak RSS incl. mapped bank"], rows)
+
+
+def section_scaling(args) -> None:
+    extractor = model(args).extractor
+    channels, dim = extractor.pyramid_channels, extractor.global_dim
+    side = extractor.identity.image_size // 4
+    rng = np.random.default_rng(0)
+    pool = [[rng.normal(size=(c, -(-side // s), -(-side // s))).astype(np.float16) for c, s in zip(channels, (1, 2, 4))]
+            for _ in range(8)]
+    query = [torch.from_numpy(level.astype(np.float32)) for level in pool[0]]
+    rows = []
+    for size in args.scaling_sizes:
+        spill = PyramidSpill()
+        for start in range(0, size, 64):
+            spill.append([torch.from_numpy(np.stack([pool[i % 8][level] for i in range(start, min(size, start + 64))]))
+                          for level in range(len(channels))])
+        pyramid = spill.finish()
+        features = rng.normal(size=(size, dim)).astype(np.float32)
+        index = search.build_index(features)
+        probe = rng.normal(size=(16, dim)).astype(np.float32)
+        neighbours = index.search(probe, min(args.k, size))[1]
+        times = best_times({
+            "image": lambda: index.search(probe, min(args.k, size)),
+            "pixel": lambda: search.pyramid_knn(query, pyramid, neighbours[0], args.kappa),
+        }, args.repeats)
+        rows.append([size, times["image"] / len(probe) * 1e3, times["pixel"],
+                     mib(sum(level.nbytes for level in pyramid))])
+        del pyramid
+    table(f"Scaling with the bank size: {args.backbone} channels {channels}, synthetic features, K={args.k}",
+          ["normal images", "image-level ms / query", "pixel-level s / image", "bank pyramid on disk"], rows)
+
+
+def section_bank5000(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="spade-bench-") as root:
+        start = time.perf_counter()
+        folder = make_demo_dataset(Path(root) / "synthetic", n_train=args.synthetic, n_test_good=4, n_test_defect=8)
+        made = time.perf_counter() - start
+        data = load_mvtec_category(folder)
+        fitted = model(args, calibration_images=0)
+        with PeakRSS() as build:
+            start = time.perf_counter()
+            fitted.fit(data.train)
+            built = time.perf_counter() - start
+        bank = fitted.bank
+        with PeakRSS() as score:
+            start = time.perf_counter()
+            for _ in fitted.score([entry.item for entry in data.test], maps=True):
+                pass
+            scored = (time.perf_counter() - start) / len(data.test)
+    table(f"Bank of {len(bank)} generated normal images ({args.backbone}, {bank.identity.weights}; "
+          f"{made:.0f} s to generate them)",
+          ["stage", "seconds", "peak private RSS", "peak RSS incl. mapped bank", "bank size", "per normal image"],
+          [["build", built, mib(build.peak_private), mib(build.peak), mib(bank.nbytes()),
+            f"{bank.nbytes() / len(bank) / 2**20:.2f} MiB"],
+           [f"score {len(data.test)} with maps (per image)", scored, mib(score.peak_private), mib(score.peak), "", ""]])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/magnetic_tile"))
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--weights", default=None, help='a weights file, or "random" (timing only)')
+    parser.add_argument("--section", action="append", choices=SECTIONS, help="repeatable; default all but bank5000")
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--kappa", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--train", type=int, default=0, help="use this many training images (0: all)")
+    parser.add_argument("--test", type=int, default=5, help="test images timed in the pixel section")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-repeats", type=int, default=2, help="repeats of the naive reference, first image")
+    parser.add_argument("--throughput-images", type=int, default=96)
+    parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[100, 1000, 5000])
+    parser.add_argument("--synthetic", type=int, default=500, help="generated normal images for bank5000")
+    args = parser.parse_args(argv)
+    threads = configure_threads()
+    print("$ python " + " ".join(sys.argv))
+    print(f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, "
+          f"bf16 {'native' if search.bf16_supported() else 'not native'}, load average {os.getloadavg()[0]:.2f}")
+    for name in args.section or SECTIONS[:-1]:
+        globals()[f"section_{name}"](args)
+        print(f"(load average {os.getloadavg()[0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
