@@ -125,7 +125,7 @@ def pyramid_knn(
     images = [[level[n] for level in levels] for n in position.reshape(-1)]
     query = [level.float() if isinstance(level, torch.Tensor) else torch.from_numpy(np.array(level, np.float32))
              for level in query]
-    return _search([level.permute(1, 2, 0) for level in query], images, kappa, precision)
+    return _search([level.permute(1, 2, 0).contiguous() for level in query], images, kappa, precision)
 
 
 def pixel_knn(
