@@ -66,8 +66,9 @@ class SPADE:
     sigma:
         Gaussian smoothing of the pixel map, in network-input pixels.
     precision:
-        Pixel search ranking precision: ``"auto"`` (bfloat16 where the CPU supports it),
-        ``"fp32"`` or ``"bf16"``. Returned distances are always exact float32.
+        Pixel search ranking precision: ``"auto"`` (float32; see search.resolve_precision),
+        ``"fp32"`` or ``"bf16"`` (opt-in, faster, may pick a slightly farther neighbour).
+        Returned distances are always exact float32.
     calibration_images:
         How many normal images get a leave-one-out pixel map at fit time, to suggest
         the pixel threshold theta.
