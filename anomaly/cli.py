@@ -81,7 +81,8 @@ def _model_options(parser: argparse.ArgumentParser, backbone_default: str) -> No
     parser.add_argument("--image-score", choices=IMAGE_SCORES, default="knn",
                         help="knn: paper's kNN score (default); map-max: maximum of the pixel map")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="pixel-search ranking precision: auto = fp32; bf16 is opt-in (scores are always exact fp32)")
+                        help="pixel-search ranking precision: auto = bf16 where the CPU has it natively, else "
+                             "fp32; the neighbours and scores are the exact fp32 ones either way")
     parser.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
 
 

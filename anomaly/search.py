@@ -26,9 +26,11 @@ Two searches serve SPADE:
     are ruled out by a single comparison.
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
     float32 from the bank's values: returned scores are exact distances to real gallery
-    pixels, and the ranking precision only decides which pixels those are. Ranking in
-    bfloat16 (opt-in, see :func:`resolve_precision`) keeps BF16_MARGIN extra candidates
-    per query; bench/bench.py reports how often it still ends on a farther neighbour.
+    pixels. Each ranking distance brackets the exact one within a proven bound on its
+    rounding (:meth:`_Plan.tolerance`), and every pixel whose bracket reaches below the
+    kappa-th best upper end is kept. So bfloat16 ranking, which rounds a distance by up to
+    a few percent of the pixels' norms, still returns the float32 answer; it only costs
+    a few more candidates per query.
 
 All distances are *squared* Euclidean, as in the paper's equations.
 """
@@ -54,8 +56,11 @@ QUERY_TILE = 1024
 CHUNK = 8
 # Rows of a flat gallery handled as one "image" (no interpolation there).
 GALLERY_TILE = 4096
-# Extra candidates kept per query on the bfloat16 path before the exact recompute.
-BF16_MARGIN = 3
+# At most this many candidates per query go to the exact recompute. Only exact ties (a
+# uniform image, duplicated normals) come near it; the cap then keeps the best-ranked ones.
+MAX_CANDIDATES = 256
+# Unit roundoff of bfloat16 (8 significant bits).
+BF16_ROUNDOFF = 2.0**-9
 # Coarse levels with at least this many channels are multiplied at native resolution (see
 # _Plan); for thinner ones, upsampling and multiplying on the finest grid is cheaper. The
 # break-even follows the speed of the finest-grid product (bfloat16 is 2-4x faster).
@@ -90,12 +95,11 @@ def bf16_supported() -> bool:
 
 
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
-    """The ranking precision a setting means. "auto" is float32 on every CPU: bfloat16 ranking is
-    only 1.2-1.4x faster here (the float32 products are no longer most of the work) and on
-    mvtec_bottle_448 it left about 1% of pixels with a farther neighbour (bench/bench.py
-    --section pixel), so it is opt-in."""
+    """The ranking precision a setting means. "auto" is bfloat16 where the CPU multiplies it natively
+    (about twice the float32 speed), float32 elsewhere. Either way the search returns the float32
+    answer: bfloat16 only ranks, within proven error bounds (see the module docstring)."""
     if precision == "auto":
-        return "fp32"
+        return "bf16" if bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     return precision
@@ -150,22 +154,120 @@ def _search(
     plan = _Plan(query, torch.bfloat16 if mode == "bf16" else torch.float32, FACTOR_MIN_CHANNELS[mode])
     if not images:
         return torch.full((len(plan.queries), kappa), float("inf"))
-    keep = kappa + (BF16_MARGIN if mode == "bf16" else 0)
     bounds = np.linspace(0, len(plan.queries), -(-len(plan.queries) // QUERY_TILE) + 1).astype(int)
     tiles = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
-    best = [_Best(rows.stop - rows.start, keep) for rows in tiles]
+    found = [_Candidates(rows.stop - rows.start, kappa) for rows in tiles]
     offset = 0
     for image in images:
         gallery = plan.gallery(image)
-        for rows, found in zip(tiles, best):
-            found.offer(plan.distances(gallery, rows), offset)
+        for rows, candidates in zip(tiles, found):
+            candidates.offer(plan.distances(gallery, rows), offset, plan.tolerance(gallery, rows))
         offset += gallery.pixels
-    for found in best:
-        found.merge()
-    # Each query's best `keep` candidates by ranking distance, now measured exactly.
-    ids = torch.cat([found.ids for found in best])
-    exact = _exact(plan.queries, images, ids, torch.cat([found.values for found in best]).isfinite())
-    return exact.sort(dim=1).values[:, :kappa]
+    pairs = [candidates.final() for candidates in found]
+    query_ids = torch.cat([ids + rows.start for rows, (ids, _) in zip(tiles, pairs)])
+    pixel_ids = torch.cat([pixels for _, pixels in pairs])
+    exact = _exact(plan.queries, images, query_ids, pixel_ids)
+    return _smallest(exact, query_ids, len(plan.queries), kappa)
+
+
+@dataclass(frozen=True)
+class _Tolerance:
+    """What a query's ranking distances r to one gallery image say about the exact ones d:
+    ``r - offset`` lies within ``d * (1 +- roundoff) +- slack`` (see :meth:`_Plan.tolerance`)."""
+
+    offset: torch.Tensor  # (P_t,) the query's own interpolation spread, in every ranking distance
+    slack: torch.Tensor  # (P_t,) absolute error bound
+    roundoff: float  # relative error bound (rounding of the bfloat16 product itself)
+
+    def lower(self, ranking: torch.Tensor, query: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The least exact distance a ranking distance allows (``query``: the row of each entry)."""
+        return (ranking - self.offset[query] - self.slack[query]) / (1 + self.roundoff)
+
+    def upper(self, ranking: torch.Tensor, query: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        return (ranking - self.offset[query] + self.slack[query]) / (1 - self.roundoff)
+
+
+class _Candidates:
+    """For a tile of queries, every gallery pixel that may still be among each one's kappa nearest.
+
+    Each ranking distance brackets the exact distance (:class:`_Tolerance`); a pixel stays while
+    its lower end is within the kappa-th smallest upper end seen. Distances arrive as (G, P_t)
+    blocks, one per gallery image; minima of CHUNK-row chunks come first (``amin`` along rows is
+    ten times faster than any index-returning reduction here), and after the nearest images
+    about one chunk per query per image passes. Candidates are pruned only now and then.
+    """
+
+    def __init__(self, count: int, kappa: int) -> None:
+        self.kappa = kappa
+        self.within = torch.full((count,), float("inf"))  # the kappa nearest are at most this far
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._size, self._merged_size = 0, 0
+
+    def offer(self, distances: torch.Tensor, offset: int, tolerance: _Tolerance) -> None:
+        count = len(self.within)
+        minima = distances.view(-1, CHUNK, count).amin(1)
+        # The kappa-th smallest entry of a block is at most its kappa-th smallest chunk minimum.
+        if self.kappa == 1:
+            self.within = torch.minimum(self.within, tolerance.upper(minima.amin(0)))
+        elif len(minima) >= self.kappa:
+            kth = minima.topk(self.kappa, dim=0, largest=False).values[-1]
+            self.within = torch.minimum(self.within, tolerance.upper(kth))
+        chunk, query = (tolerance.lower(minima) <= self.within).nonzero(as_tuple=True)
+        rows = (chunk[:, None] * CHUNK + torch.arange(CHUNK)).reshape(-1)
+        query = query.repeat_interleave(CHUNK)
+        values = distances[rows, query]
+        lower = tolerance.lower(values, query)
+        useful = (lower <= self.within[query]) & (values < float("inf"))  # +inf rows only pad the chunks
+        upper = tolerance.upper(values[useful], query[useful])
+        self._pending.append((lower[useful], upper, query[useful], rows[useful] + offset))
+        self._size += len(upper)
+        if self._size > 2 * self._merged_size + 8 * count * self.kappa:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Sharpen ``within`` from all candidates and drop those that cannot come within it."""
+        lower, upper, query, ids = (torch.cat(parts) for parts in zip(*self._pending))
+        order = upper.argsort(stable=True)
+        order = order[query[order].argsort(stable=True)]  # by query, then by upper end
+        lower, upper, query, ids = lower[order], upper[order], query[order], ids[order]
+        rank = torch.arange(len(query)) - torch.searchsorted(query, query)
+        kth = rank == self.kappa - 1
+        self.within[query[kth]] = torch.minimum(self.within[query[kth]], upper[kth])
+        keep = (lower <= self.within[query]) & (rank < MAX_CANDIDATES)
+        self._pending = [(lower[keep], upper[keep], query[keep], ids[keep])]
+        self._size = self._merged_size = int(keep.sum())
+
+    def final(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, gallery pixel) pairs: all that can be among the kappa nearest."""
+        self._merge()
+        _, _, query, ids = self._pending[0]
+        return query, ids
+
+
+def _exact(queries: torch.Tensor, images: list[list[torch.Tensor]], query_ids: torch.Tensor,
+           pixel_ids: torch.Tensor) -> torch.Tensor:
+    """sum((q - g)^2) in float32 for each (query, gallery pixel) pair."""
+    sizes = torch.tensor([image[0].shape[0] * image[0].shape[1] for image in images])
+    starts = torch.cumsum(sizes, 0) - sizes
+    owner = torch.bucketize(pixel_ids, starts, right=True) - 1
+    out = torch.empty(len(pixel_ids))
+    for n in owner.unique().tolist():
+        where = (owner == n).nonzero().squeeze(1)
+        pixels = _upsampled_pixels(images[n], pixel_ids[where] - starts[n])
+        out[where] = (queries[query_ids[where]] - pixels).pow(2).sum(1)
+    return out
+
+
+def _smallest(values: torch.Tensor, query_ids: torch.Tensor, count: int, kappa: int) -> torch.Tensor:
+    """(count, kappa): each query's kappa smallest ``values``, ascending, +inf where it has fewer."""
+    order = values.argsort(stable=True)
+    order = order[query_ids[order].argsort(stable=True)]
+    query = query_ids[order]
+    rank = torch.arange(len(query)) - torch.searchsorted(query, query)
+    kept = rank < kappa
+    out = torch.full((count, kappa), float("inf"))
+    out[query[kept], rank[kept]] = values[order[kept]]
+    return out
 
 
 @dataclass(frozen=True)
@@ -220,6 +322,7 @@ class _GalleryImage:
     products: list[torch.Tensor]  # per native level: (P, h_l * w_l) query-upsampled squared distances
     grids: list[tuple[int, int]]  # per native level: (h_l, w_l)
     size: tuple[int, int]  # finest grid (H, W)
+    longest: float  # largest norm of a centred direct row (bfloat16 error bounds)
 
     @property
     def pixels(self) -> int:
@@ -246,9 +349,14 @@ class _Plan:
         # query's mean pixel shrinks the norms, and with them the products' rounding errors.
         self.centers = [part.reshape(-1, part.shape[-1]).mean(0) for part in query]
         centred = [part - center for part, center in zip(query, self.centers)]
-        self.direct = _operand(self._direct(centred, self.size), dtype, query=True)
+        direct = self._direct(centred, self.size)
+        self.direct = _operand(direct, dtype, query=True)
         self.factored = [(_operand(part.reshape(-1, part.shape[-1]), torch.float32, query=True), tuple(part.shape[:2]))
                          for part, native in zip(centred, self.native) if native]
+        # What tolerance() needs from the query side.
+        self._direct_norms = direct.pow(2).sum(1).sqrt()
+        self._spread = sum((_mix_spread(part, _axis(part.shape[0], self.size[0]), _axis(part.shape[1], self.size[1]))
+                            for part, native in zip(centred, self.native) if native), torch.zeros(len(direct)))
 
     def _direct(self, levels: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """(H * W, C_direct): the levels multiplied on the finest grid, upsampled and stacked."""
@@ -271,9 +379,27 @@ class _Plan:
         # In float32 the spread can ride in the norm column; a bfloat16 product would round
         # it with the rest, so it is subtracted afterwards.
         stacked = self._direct(centred, size)
-        norms = stacked.pow(2).sum(1) - (spread if self.dtype == torch.float32 else 0)
+        norms = stacked.pow(2).sum(1)
+        if self.dtype == torch.float32:
+            direct = _operand(stacked, self.dtype, query=False, norms=norms - spread)
+            return _GalleryImage(direct, None, products, grids, size, longest=0.0)
         direct = _operand(stacked, self.dtype, query=False, norms=norms)
-        return _GalleryImage(direct, None if self.dtype == torch.float32 else spread, products, grids, size)
+        return _GalleryImage(direct, spread, products, grids, size, longest=float(norms.max().sqrt()))
+
+    def tolerance(self, gallery: _GalleryImage, rows: slice) -> _Tolerance:
+        """How far the ranking distances of query rows ``rows`` to ``gallery`` can be from the exact
+        ones, beyond float32 rounding (the float32 ranking is trusted as the reference is).
+
+        Rounding each operand entry to bfloat16 (relative u) moves -2 q.g by at most
+        2 (2u + u^2) |q| |g| (Cauchy-Schwarz) and the hi/lo norm columns by u^2 (|q|^2 + |g|^2);
+        rounding the product itself, a distance, adds u of it.
+        """
+        spread = self._spread[rows]
+        if self.dtype == torch.float32:
+            return _Tolerance(spread, torch.zeros_like(spread), 0.0)
+        u, q, g = BF16_ROUNDOFF, self._direct_norms[rows], gallery.longest
+        operands = 2 * (2 * u + u * u) * q * g + u * u * (q.pow(2) + g * g)
+        return _Tolerance(spread, operands * (1 + u), u)
 
     def distances(self, gallery: _GalleryImage, rows: slice) -> torch.Tensor:
         """(G, P_t) float32 ranking distances of query rows ``rows``, gallery-major, G padded with
@@ -359,73 +485,6 @@ def _mix_spread(level: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
     spread += wy0 * wy1 * (wx0 * wx0 * down[y0, x0] + wx1 * wx1 * down[y0, x1])
     spread += wy0 * wy1 * wx0 * wx1 * (diagonal[y0, x0] + anti[y0, x0])
     return spread.reshape(-1)
-
-
-class _Best:
-    """Each query's ``keep`` smallest ranking distances, and the gallery pixels they belong to.
-
-    Distances arrive as (G, P_t) blocks, one per gallery image. Minima of CHUNK-row chunks come
-    first (``amin`` along rows is ten times faster than any index-returning reduction here).
-    The ``keep`` smallest entries of a column lie in its ``keep`` chunks with the smallest
-    minima; and once a query has ``keep`` candidates, only chunks whose minimum beats the
-    worst of them can matter, which after the nearest images is about one chunk per query
-    per image. Candidates are collected and merged (sorted) only now and then.
-    """
-
-    def __init__(self, count: int, keep: int) -> None:
-        self.values = torch.full((count, keep), float("inf"))
-        self.ids = torch.full((count, keep), -1, dtype=torch.long)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._size = 0
-
-    def offer(self, distances: torch.Tensor, offset: int) -> None:
-        count, keep = self.values.shape
-        bound = self.values[:, -1]
-        minima = distances.view(-1, CHUNK, count).amin(1)
-        chunk, query = (minima < bound).nonzero(as_tuple=True)
-        if len(chunk) > keep * count:  # no useful bound yet: each query's `keep` best chunks
-            chunk = minima.T.topk(min(keep, len(minima)), dim=1, largest=False).indices.reshape(-1)
-            query = torch.arange(count).repeat_interleave(len(chunk) // count)
-        rows = (chunk[:, None] * CHUNK + torch.arange(CHUNK)).reshape(-1)
-        query = query.repeat_interleave(CHUNK)
-        values = distances[rows, query]
-        useful = values < bound[query]
-        self._pending.append((values[useful], query[useful], rows[useful] + offset))
-        self._size += int(useful.sum())
-        if self._size > 4 * self.values.numel():
-            self.merge()
-
-    def merge(self) -> None:
-        """Fold the collected candidates into each query's ``keep`` best."""
-        if not self._pending:
-            return
-        count, keep = self.values.shape
-        values = torch.cat([self.values.reshape(-1), *(v for v, _, _ in self._pending)])
-        query = torch.cat([torch.arange(count).repeat_interleave(keep), *(q for _, q, _ in self._pending)])
-        ids = torch.cat([self.ids.reshape(-1), *(i for _, _, i in self._pending)])
-        self._pending, self._size = [], 0
-        order = values.argsort(stable=True)
-        order = order[query[order].argsort(stable=True)]  # by query, then by value
-        query = query[order]
-        rank = torch.arange(len(query)) - torch.searchsorted(query, query)
-        kept = rank < keep
-        self.values[query[kept], rank[kept]] = values[order[kept]]
-        self.ids[query[kept], rank[kept]] = ids[order[kept]]
-
-
-def _exact(
-    queries: torch.Tensor, images: list[list[torch.Tensor]], ids: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """sum((q - g)^2) in float32 for each query and each of its candidate gallery pixels ``ids``."""
-    sizes = torch.tensor([image[0].shape[0] * image[0].shape[1] for image in images])
-    starts = torch.cumsum(sizes, 0) - sizes
-    owner = torch.bucketize(ids, starts, right=True) - 1
-    out = torch.full(ids.shape, float("inf"))
-    for n in owner[valid].unique().tolist():
-        p, j = (valid & (owner == n)).nonzero(as_tuple=True)
-        pixels = _upsampled_pixels(images[n], ids[p, j] - starts[n])
-        out[p, j] = (queries[p] - pixels).pow(2).sum(1)
-    return out
 
 
 def _upsampled_pixels(levels: list[torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
