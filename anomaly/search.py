@@ -205,7 +205,7 @@ class _Candidates:
 
     def offer(self, distances: torch.Tensor, offset: int, tolerance: _Tolerance) -> None:
         count = len(self.within)
-        minima = distances.view(-1, CHUNK, count).amin(1)
+        minima = distances.view(-1, CHUNK, count).amin(1).float()
         # The kappa-th smallest entry of a block is at most its kappa-th smallest chunk minimum.
         if self.kappa == 1:
             self.within = torch.minimum(self.within, tolerance.upper(minima.amin(0)))
@@ -215,7 +215,7 @@ class _Candidates:
         chunk, query = (tolerance.lower(minima) <= self.within).nonzero(as_tuple=True)
         rows = (chunk[:, None] * CHUNK + torch.arange(CHUNK)).reshape(-1)
         query = query.repeat_interleave(CHUNK)
-        values = distances[rows, query]
+        values = distances[rows, query].float()
         lower = tolerance.lower(values, query)
         useful = (lower <= self.within[query]) & (values < float("inf"))  # +inf rows only pad the chunks
         upper = tolerance.upper(values[useful], query[useful])
@@ -402,16 +402,19 @@ class _Plan:
         return _Tolerance(spread, operands * (1 + u), u)
 
     def distances(self, gallery: _GalleryImage, rows: slice) -> torch.Tensor:
-        """(G, P_t) float32 ranking distances of query rows ``rows``, gallery-major, G padded with
-        +inf rows to a multiple of CHUNK. Each is the squared distance, plus the query's own
-        interpolation spread when levels are native (the same for all its candidates).
+        """(G, P_t) ranking distances of query rows ``rows``, gallery-major, G padded with
+        +inf rows to a multiple of CHUNK, in float32 or, when the product needs nothing added,
+        in its own dtype. Each is the squared distance, plus the query's own interpolation
+        spread when levels are native (the same for all its candidates).
 
         The padded block and the interpolation target are reused: fresh ones of this size cost a
         page fault per 4 KiB on every call (the float32 product is used as it comes when it
         needs no padding, which measured faster than copying it).
         """
         product = _matmul(gallery.direct, self.direct[rows])
-        if product.dtype == torch.float32 and gallery.pixels % CHUNK == 0:
+        if gallery.pixels % CHUNK == 0 and not gallery.products:
+            return product  # nothing to add: a bfloat16 product is ranked as it is (half the bytes)
+        if gallery.pixels % CHUNK == 0 and product.dtype == torch.float32:
             out = body = product
         else:
             out = self._buffer("out", (-(-gallery.pixels // CHUNK) * CHUNK, product.shape[1]))
