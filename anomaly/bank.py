@@ -197,7 +197,7 @@ class PyramidSpill:
             self._files = [open(self._dir / f"level{i}.f16", "wb") for i in range(len(levels))]
             self._shapes = [tuple(level.shape[1:]) for level in levels]
         for f, level in zip(self._files, levels):
-            f.write(level.to(torch.float16).contiguous().numpy().tobytes())
+            f.write(level.to(torch.float16).contiguous().numpy())  # the buffer itself: no bytes copy
         self._count += levels[0].shape[0] if levels else 0
 
     def finish(self) -> list[np.ndarray]:

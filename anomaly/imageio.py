@@ -1,4 +1,4 @@
-"""Load any user image as a float32 RGB array, or fail with one readable line.
+"""Load any user image as an RGB array, or fail with one readable line.
 
 Every image that reaches the model goes through `load_image`, so the same picture must
 give the same array whatever its container (8-bit, 16-bit, float, palette, opaque alpha),
@@ -50,6 +50,13 @@ def load_image(source: bytes | str | Path, name: str | None = None) -> np.ndarra
     """float32 RGB array (H, W, 3) in [0, 1]; EXIF orientation applied; 8/16-bit/float/palette/L/LA/RGBA/CMYK
     converted faithfully (same picture in 8-bit, 16-bit or float, or with opaque alpha -> same array up to 1e-6);
     first frame of animated/multi-frame files; raises ImageLoadError for anything unreadable."""
+    return to_float(load_pixels(source, name))
+
+
+def load_pixels(source: bytes | str | Path, name: str | None = None) -> np.ndarray:
+    """`load_image` before its float conversion where the picture is 8-bit: uint8 RGB (H, W, 3), else the
+    float32 array itself; ``to_float(load_pixels(x)) == load_image(x)`` exactly. A caller that resizes
+    anyway (the feature extractor) then converts the image in one pass, in the layout it needs."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         name = "image" if name is None else name
         return _load_stream(io.BytesIO(bytes(source)), name)
@@ -73,7 +80,7 @@ def _load_stream(stream: BinaryIO, name: str) -> np.ndarray:
             image = ImageOps.exif_transpose(image)  # decodes the pixels; corrupt data fails here
     except Exception:  # Pillow's decoders raise a zoo of types (OSError, ValueError, zlib/EOF errors...)
         raise ImageLoadError(name, "truncated or corrupt image data") from None
-    return _to_float_rgb(image, name)
+    return _to_pixels(image, name)
 
 
 def _open_checked(stream: BinaryIO, name: str, head: bytes) -> Image.Image:
@@ -102,7 +109,7 @@ def _open_checked(stream: BinaryIO, name: str, head: bytes) -> Image.Image:
     return image
 
 
-def _to_float_rgb(image: Image.Image, name: str) -> np.ndarray:
+def _to_pixels(image: Image.Image, name: str) -> np.ndarray:
     mode = image.mode
     # High-bit modes are read before the alpha branch: Pillow has no 16-bit/float alpha modes, so a rare
     # tRNS colour key on a 16-bit PNG is ignored rather than losing the extra precision.
@@ -125,10 +132,19 @@ def _to_float_rgb(image: Image.Image, name: str) -> np.ndarray:
         rgba = _convert(image.convert(_PREMULTIPLIED[mode]) if mode in _PREMULTIPLIED else image, "RGBA", name)
         values = np.asarray(rgba, dtype=np.float32) / np.float32(255)
         return np.ascontiguousarray(values[..., :3] * values[..., 3:])
-    return np.asarray(_convert(image, "RGB", name), dtype=np.float32) / np.float32(255)
+    return np.asarray(_convert(image, "RGB", name))
+
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """`load_pixels`' array as `load_image`'s: uint8 divided by 255 in float32, float returned as it is."""
+    if pixels.dtype == np.uint8:
+        return np.divide(pixels, np.float32(255), dtype=np.float32)
+    return pixels
 
 
 def _convert(image: Image.Image, mode: str, name: str) -> Image.Image:
+    if image.mode == mode:  # convert() would copy it
+        return image
     try:
         return image.convert(mode)
     except ValueError:

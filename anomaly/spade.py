@@ -183,6 +183,7 @@ class SPADE:
             thumbnails=np.stack(thumbnails),
             skipped=skipped,
         )
+        del batch, global_parts, thumbnails  # views of the extractor's blocks: not kept through calibration
         bank.loo_k = min(self.k, len(bank) - 1)
         bank.loo_scores = bank.leave_one_out_scores(self.k)
         bank.loo_map_max = self._calibrate_pixels(bank, calibration_progress)

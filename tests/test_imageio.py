@@ -13,7 +13,7 @@ from PIL import Image
 
 import hostile
 from anomaly import imageio
-from anomaly.imageio import MAX_PIXELS, ImageLoadError, load_image
+from anomaly.imageio import MAX_PIXELS, ImageLoadError, load_image, load_pixels, to_float
 
 FAILING = {name: reason for name, reason in hostile.expected_reasons().items() if reason}
 LOADING = [name for name, reason in hostile.expected_reasons().items() if reason is None]
@@ -134,6 +134,17 @@ def test_same_rgb_picture_in_every_container() -> None:
     expected = hostile.noise_rgb() / 255.0
     for data in (hostile.rgb_png(), hostile.rgb_png16(), hostile.rgba_opaque_png()):
         np.testing.assert_allclose(load_image(data), expected, atol=1e-6, rtol=0)
+
+
+def test_pixels_are_the_image_before_its_float_conversion() -> None:
+    """8-bit pictures stay uint8 until the caller converts them; the rest are load_image's floats."""
+    for data, dtype in [(hostile.rgb_png(), np.uint8), (hostile.gray_png8(), np.uint8), (hostile.palette_png(), np.uint8),
+                        (hostile.cmyk_jpeg(), np.uint8), (hostile.exif_rotated_jpeg(), np.uint8),
+                        (hostile.gray_png16(), np.float32), (hostile.rgba_half_png(), np.float32),
+                        (hostile.gray_float_tiff(), np.float32)]:
+        pixels = load_pixels(data)
+        assert pixels.dtype == dtype and pixels.ndim == 3 and pixels.shape[2] == 3
+        np.testing.assert_array_equal(to_float(pixels), load_image(data))
 
 
 def test_transparent_pixels_become_black() -> None:

@@ -1,0 +1,123 @@
+"""Preparing images for the backbone: the resize filter against float64 brute force, and batching."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly import features
+from anomaly.backbones import BackboneIdentity, FeatureExtractor
+from anomaly.imageio import load_image
+from anomaly.sources import InputItem
+
+from imagegen import png_bytes
+
+IDENTITY = BackboneIdentity("wide_resnet50_2", "test", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), image_size=96)
+SIZES = [(120, 100), (96, 96), (50, 70), (7, 9), (1, 1), (1, 300), (400, 5), (230, 225), (97, 300)]
+
+
+def filter_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) bilinear weights with half-pixel centres, stretched to the input spacing when shrinking
+    (antialiasing) and renormalised at the borders."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out)[:, None] + 0.5) * scale
+    weights = np.clip(1 - np.abs(np.arange(n_in)[None, :] + 0.5 - centres) / support, 0, None)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def reference_resize(image: np.ndarray, side: int) -> np.ndarray:
+    """(side, side, 3) float64."""
+    rows, cols = filter_weights(image.shape[0], side), filter_weights(image.shape[1], side)
+    return np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols)
+
+
+def item(name: str, array: np.ndarray) -> InputItem:
+    return InputItem(name, name, None, png_bytes(array))
+
+
+def random_image(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_prepared_input_is_the_exact_filter_normalised(shape):
+    entry = item("x.png", random_image(shape))
+    expected = (reference_resize(load_image(entry.data), 96) - IDENTITY.mean) / IDENTITY.std
+    loaded = features.load(entry, IDENTITY)
+    assert loaded.tensor.dtype == torch.float32 and loaded.tensor.shape == (3, 96, 96)
+    assert loaded.size == shape
+    np.testing.assert_allclose(loaded.tensor.permute(1, 2, 0).numpy(), expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(120, 100), (50, 70), (230, 225)])
+def test_prepared_input_agrees_with_the_torch_resize(shape):
+    """`resize` (used for maps) and the input preparation apply the same filter; torch's float32
+    kernel places its taps less precisely, hence the looser tolerance."""
+    entry = item("x.png", random_image(shape, 1))
+    image = torch.from_numpy(load_image(entry.data)).permute(2, 0, 1)[None]
+    mean, std = torch.tensor(IDENTITY.mean).view(3, 1, 1), torch.tensor(IDENTITY.std).view(3, 1, 1)
+    expected = (features.resize(image, (96, 96))[0] - mean) / std
+    torch.testing.assert_close(features.load(entry, IDENTITY).tensor, expected, atol=1e-4, rtol=0)
+
+
+def test_sixteen_bit_images_keep_their_precision():
+    gray = np.random.default_rng(2).integers(0, 65536, (40, 30), dtype=np.uint16)
+    entry = item("g.png", gray)
+    expected = (reference_resize(load_image(entry.data), 96) - IDENTITY.mean) / IDENTITY.std
+    np.testing.assert_allclose(features.load(entry, IDENTITY).tensor.permute(1, 2, 0).numpy(), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (64, 64), (20, 500)])
+def test_thumbnail_is_the_rounded_filter(shape):
+    entry = item("x.png", random_image(shape, 3))
+    thumbnail = np.zeros((features.THUMBNAIL_SIZE,) * 2 + (3,), np.uint8)
+    loaded = features.load(entry, IDENTITY, thumbnail)
+    assert loaded.thumbnail is thumbnail
+    exact = reference_resize(load_image(entry.data), features.THUMBNAIL_SIZE) * 255
+    assert np.abs(thumbnail - exact).max() <= 0.5 + 1e-3
+
+
+def test_unreadable_inputs_become_errors():
+    assert features.load(InputItem("a.png", "a.png", None, b"not an image"), IDENTITY).error == (
+        "a.png: not an image (looks like text)")
+    assert features.load(InputItem("b.png", "b.png", None, error="b.png: gone"), IDENTITY).error == "b.png: gone"
+
+
+@pytest.fixture(scope="module")
+def small_resnet18(random_resnet18):
+    identity = dataclasses.replace(random_resnet18.identity, image_size=64)
+    return FeatureExtractor(random_resnet18.net, identity, random_resnet18.pyramid_channels, random_resnet18.global_dim)
+
+
+def test_batches_follow_the_input_order_with_errors_in_place(small_resnet18):
+    items = [item(f"{i}.png", random_image((40 + i, 50), i)) for i in range(7)]
+    items.insert(3, InputItem("bad.png", "bad.png", None, png_bytes(random_image((40, 50)))[:-60]))
+    progress = []
+    batches = list(features.iter_batches(small_resnet18, items, batch_size=3, thumbnails=True,
+                                         progress=lambda done, total: progress.append((done, total))))
+    assert progress == [(3, 8), (6, 8), (8, 8)]
+    loaded = [entry for batch in batches for entry in batch.loaded]
+    assert [entry.item.path for entry in loaded] == [i.path for i in items]
+    assert loaded[3].error == "bad.png: truncated or corrupt image data" and loaded[3].tensor is None
+    assert [len(batch.global_features) for batch in batches] == [3, 2, 2]
+
+    # The same features, batch by batch, as the readable inputs run one at a time.
+    streamed = list(features.iter_batches(small_resnet18, items, batch_size=3))
+    for kept, plain in zip(batches, streamed):
+        np.testing.assert_array_equal(kept.global_features, plain.global_features)
+    ok = [entry for entry in loaded if entry.error is None]
+    alone = features.run_backbone(small_resnet18, [features.load(ok[4].item, small_resnet18.identity)])
+    np.testing.assert_allclose(batches[1].global_features[1], alone.global_features[0], rtol=1e-4, atol=1e-5)
+    for entry in ok:
+        thumbnail = np.empty_like(entry.thumbnail)
+        features.load(entry.item, small_resnet18.identity, thumbnail)
+        np.testing.assert_array_equal(entry.thumbnail, thumbnail)
+
+
+def test_batch_size_must_be_positive(small_resnet18):
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        next(features.iter_batches(small_resnet18, [], batch_size=0))
