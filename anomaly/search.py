@@ -227,10 +227,8 @@ class _Candidates:
     def _merge(self) -> None:
         """Sharpen ``within`` from all candidates and drop those that cannot come within it."""
         lower, upper, query, ids = (torch.cat(parts) for parts in zip(*self._pending))
-        order = upper.argsort(stable=True)
-        order = order[query[order].argsort(stable=True)]  # by query, then by upper end
+        order, rank = _rank_within_query(upper, query)
         lower, upper, query, ids = lower[order], upper[order], query[order], ids[order]
-        rank = torch.arange(len(query)) - torch.searchsorted(query, query)
         kth = rank == self.kappa - 1
         self.within[query[kth]] = torch.minimum(self.within[query[kth]], upper[kth])
         keep = (lower <= self.within[query]) & (rank < MAX_CANDIDATES)
@@ -258,12 +256,19 @@ def _exact(queries: torch.Tensor, images: list[list[torch.Tensor]], query_ids: t
     return out
 
 
+def _rank_within_query(values: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order that sorts entries by query, then by value, and each sorted entry's rank (0 for
+    the smallest value) among its query's."""
+    order = values.argsort(stable=True)
+    order = order[query[order].argsort(stable=True)]
+    sorted_query = query[order]
+    return order, torch.arange(len(order)) - torch.searchsorted(sorted_query, sorted_query)
+
+
 def _smallest(values: torch.Tensor, query_ids: torch.Tensor, count: int, kappa: int) -> torch.Tensor:
     """(count, kappa): each query's kappa smallest ``values``, ascending, +inf where it has fewer."""
-    order = values.argsort(stable=True)
-    order = order[query_ids[order].argsort(stable=True)]
+    order, rank = _rank_within_query(values, query_ids)
     query = query_ids[order]
-    rank = torch.arange(len(query)) - torch.searchsorted(query, query)
     kept = rank < kappa
     out = torch.full((count, kappa), float("inf"))
     out[query[kept], rank[kept]] = values[order[kept]]
