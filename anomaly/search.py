@@ -15,15 +15,17 @@ Two searches serve SPADE:
     with both sides first centred on the query's mean pixel. A bfloat16 product then
     rounds the distance itself, not a large dot product it is the difference of.
   - Thick coarse levels (wide_resnet50_2's 512 and 1,024 channels at 28 x 28 and
-    14 x 14) are multiplied at native resolution on both sides, in float32. An upsampled
-    pixel is a bilinear mix of four native ones, so its squared distances are the same
-    mix of theirs less the mix's own spread (:func:`_mix_spread`); interpolating native
-    products costs a small fraction of multiplying upsampled pixels (1/256 at level 3).
-    Thin levels are upsampled and multiplied on the finest grid.
-  - Each query keeps its best candidates through a two-stage search (minima of 8-pixel
-    chunks first: torch's index-returning reductions are ten times slower than
-    ``amin``). With the nearest images searched first, most chunks of the later ones
-    are ruled out by a single comparison.
+    14 x 14, efficientnet_lite0's 112 at 14 x 14) are multiplied at native resolution on
+    both sides, in float32. An upsampled pixel is a bilinear mix of four native ones, so
+    its squared distances are the same mix of theirs less the mix's own spread
+    (:func:`_mix_spread`); interpolating native products costs a small fraction of
+    multiplying upsampled pixels (1/256 at level 3). Thin levels are upsampled and
+    multiplied on the finest grid.
+  - The finest-grid product, the interpolated native products and the spreads meet in
+    one compiled pass (:mod:`anomaly.fused`) that keeps only the minima of 8-pixel chunks;
+    the ranking distances are never written out in full. With the nearest images searched
+    first, most chunks of the later ones are ruled out by a single comparison, and only
+    the entries of the chunks that pass are formed again.
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
     float32 from the bank's values: returned scores are exact distances to real gallery
     pixels. Each ranking distance brackets the exact one within a proven bound on its
@@ -47,10 +49,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomaly import fused
+
 Precision = Literal["auto", "fp32", "bf16"]
 
-# Query pixels per pass, at most: the (gallery image x query tile) blocks of distances,
-# about 10 MB at 224 px, then stay in the L3 cache (tiles of 1,568 or 3,136 measured slower).
+# Query pixels per pass, at most: a (gallery image x query tile) product, about 5 MB in
+# bfloat16 at 224 px, then stays in the L3 cache for the compiled pass that reduces it
+# (tiles of 392 and 1,568 measured slower).
 QUERY_TILE = 1024
 # Gallery rows per chunk in the two-stage search for the smallest distances.
 CHUNK = 8
@@ -63,8 +68,9 @@ MAX_CANDIDATES = 256
 BF16_ROUNDOFF = 2.0**-9
 # Coarse levels with at least this many channels are multiplied at native resolution (see
 # _Plan); for thinner ones, upsampling and multiplying on the finest grid is cheaper. The
-# break-even follows the speed of the finest-grid product (bfloat16 is 2-4x faster).
-FACTOR_MIN_CHANNELS = {"bf16": 128, "fp32": 64}
+# break-even follows the speed of the finest-grid product (bfloat16 is 2-4x faster):
+# efficientnet_lite0's 112 channels at 14 x 14 measured faster native, its 40 at 28 x 28 not.
+FACTOR_MIN_CHANNELS = {"bf16": 96, "fp32": 64}
 
 
 def knn(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,15 +192,22 @@ class _Tolerance:
     def upper(self, ranking: torch.Tensor, query: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         return (ranking - self.offset[query] + self.slack[query]) / (1 - self.roundoff)
 
+    def reach(self, within: torch.Tensor) -> torch.Tensor:
+        """The largest ranking distances whose lower end can be within ``within``: the inverse of
+        :meth:`lower`, widened by far more than its own float32 rounding (entries it lets through
+        are then tested with :meth:`lower` itself)."""
+        scale = 1 + self.roundoff
+        return within * scale + self.offset + self.slack + 1e-6 * (within.abs() * scale + self.offset.abs() + self.slack)
+
 
 class _Candidates:
     """For a tile of queries, every gallery pixel that may still be among each one's kappa nearest.
 
     Each ranking distance brackets the exact distance (:class:`_Tolerance`); a pixel stays while
-    its lower end is within the kappa-th smallest upper end seen. Distances arrive as (G, P_t)
-    blocks, one per gallery image; minima of CHUNK-row chunks come first (``amin`` along rows is
-    ten times faster than any index-returning reduction here), and after the nearest images
-    about one chunk per query per image passes. Candidates are pruned only now and then.
+    its lower end is within the kappa-th smallest upper end seen. Each gallery image's block of
+    distances arrives as minima of CHUNK-row chunks (:class:`_Block`); only the chunks that pass
+    are read entry by entry, and after the nearest images that is about one chunk per query per
+    image. Candidates are pruned only now and then.
     """
 
     def __init__(self, count: int, kappa: int) -> None:
@@ -203,21 +216,18 @@ class _Candidates:
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._size, self._merged_size = 0, 0
 
-    def offer(self, distances: torch.Tensor, offset: int, tolerance: _Tolerance) -> None:
+    def offer(self, block: _Block, offset: int, tolerance: _Tolerance) -> None:
         count = len(self.within)
-        minima = distances.view(-1, CHUNK, count).amin(1).float()
+        minima = block.chunk_minima()
         # The kappa-th smallest entry of a block is at most its kappa-th smallest chunk minimum.
         if self.kappa == 1:
             self.within = torch.minimum(self.within, tolerance.upper(minima.amin(0)))
         elif len(minima) >= self.kappa:
             kth = minima.topk(self.kappa, dim=0, largest=False).values[-1]
             self.within = torch.minimum(self.within, tolerance.upper(kth))
-        chunk, query = (tolerance.lower(minima) <= self.within).nonzero(as_tuple=True)
-        rows = (chunk[:, None] * CHUNK + torch.arange(CHUNK)).reshape(-1)
-        query = query.repeat_interleave(CHUNK)
-        values = distances[rows, query].float()
+        rows, query, values = block.passing(minima, tolerance.reach(self.within))
         lower = tolerance.lower(values, query)
-        useful = (lower <= self.within[query]) & (values < float("inf"))  # +inf rows only pad the chunks
+        useful = lower <= self.within[query]
         upper = tolerance.upper(values[useful], query[useful])
         self._pending.append((lower[useful], upper, query[useful], rows[useful] + offset))
         self._size += len(upper)
@@ -306,26 +316,38 @@ def _upsample(level: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (_axis(w, size[1]).matrix @ down.reshape(size[0], w, channels)).reshape(-1, channels)
 
 
-def _interpolate(
-    products: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Upsample (h * w, X) rows over their (h, w) grid to (H * W, X), into ``out`` if given. X is
-    the channel axis of a channels-last image, the layout in which torch interpolates fastest."""
-    image = products.view(1, *grid, -1).permute(0, 3, 1, 2)
-    target = None if out is None else out.view(1, *size, -1).permute(0, 3, 1, 2)
-    if target is None:
-        upsampled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-    else:
-        upsampled = torch.ops.aten.upsample_bilinear2d.out(image, list(size), False, None, None, out=target)
-    return upsampled.permute(0, 2, 3, 1).reshape(size[0] * size[1], -1)
+def _interpolate(products: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], out: torch.Tensor) -> None:
+    """Upsample (X, h * w) rows over their (h, w) grid into ``out`` (X, H * W), as ``F.interpolate``
+    would: across as one small product, then down in a compiled loop (torch's own kernel is
+    several times slower on rows this long)."""
+    h, w = grid
+    rows = _axis(h, size[0])
+    across = _matmul(products.view(-1, w), _axis(w, size[1]).matrix).view(-1, h, size[1])
+    fused.mix_rows(across, rows.first, rows.second, rows.weight_first, rows.weight_second, out.view(-1, *size))
+
+
+@lru_cache(maxsize=16)
+def _gallery_taps(grids: tuple[tuple[int, int], ...], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(H * W, 4 L) rows and weights: each finest-grid pixel's four bilinear taps on every native
+    level, as rows of the levels' native pixels stacked in order."""
+    taps, weights, base = [], [], 0
+    y, x = (axis.reshape(-1) for axis in torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij"))
+    for h, w in grids:
+        rows, cols = _axis(h, size[0]), _axis(w, size[1])
+        for ys, wy in ((rows.first, rows.weight_first), (rows.second, rows.weight_second)):
+            for xs, wx in ((cols.first, cols.weight_first), (cols.second, cols.weight_second)):
+                taps.append(base + ys[y] * w + xs[x])
+                weights.append(wy[y] * wx[x])
+        base += h * w
+    if not taps:
+        return np.zeros((size[0] * size[1], 0), np.int32), np.zeros((size[0] * size[1], 0), np.float32)
+    return torch.stack(taps, 1).int().numpy(), torch.stack(weights, 1).float().numpy()
 
 
 @dataclass
 class _GalleryImage:
     direct: torch.Tensor  # (H * W, C_direct + 4) operand of the finest-grid product
-    spread: torch.Tensor | None  # (H * W,) what interpolating squared distances adds, unless folded in
-    products: list[torch.Tensor]  # per native level: (P, h_l * w_l) query-upsampled squared distances
-    grids: list[tuple[int, int]]  # per native level: (h_l, w_l)
+    terms: fused.Terms  # what the native levels add to that product, less the interpolation spread
     size: tuple[int, int]  # finest grid (H, W)
     longest: float  # largest norm of a centred direct row (bfloat16 error bounds)
 
@@ -334,18 +356,35 @@ class _GalleryImage:
         return self.size[0] * self.size[1]
 
 
+@dataclass(frozen=True)
+class _Block:
+    """The ranking distances of query columns ``start:start + P_t`` to one gallery image, never
+    formed in full: their chunk minima come from one compiled pass (:mod:`anomaly.fused`), and
+    then the entries of the chunks that pass."""
+
+    product: torch.Tensor  # (G, P_t) finest-grid product
+    terms: fused.Terms
+    start: int
+
+    def chunk_minima(self) -> torch.Tensor:
+        return fused.chunk_minima(self.product, self.terms, self.start, CHUNK)
+
+    def passing(self, minima: torch.Tensor, reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, columns, ranking distances) of the entries within ``reach`` of their query."""
+        return fused.passing(self.product, self.terms, self.start, CHUNK, minima, reach)
+
+
 class _Plan:
     """The query side of one search, and how each gallery image is multiplied with it.
 
     Thin levels are upsampled and multiplied on the finest grid, in ``dtype``. Thick coarse
     levels (``native_from`` channels or more) are multiplied at native resolution on both
-    sides, in float32 as that is cheap there, and the products are interpolated: over the
-    query grid once per gallery image, then over the gallery grid per query tile.
+    sides, in float32 as that is cheap there; the products are interpolated over the query
+    grid once per gallery image, and over the gallery grid inside the compiled pass.
     """
 
     def __init__(self, query: list[torch.Tensor], dtype: torch.dtype, native_from: int) -> None:
         self.dtype = dtype
-        self._buffers: dict[str, torch.Tensor] = {}
         self.size = tuple(query[0].shape[:2])
         self.channels = [part.shape[-1] for part in query]
         self.native = [level > 0 and c >= native_from for level, c in enumerate(self.channels)]
@@ -358,6 +397,9 @@ class _Plan:
         self.direct = _operand(direct, dtype, query=True)
         self.factored = [(_operand(part.reshape(-1, part.shape[-1]), torch.float32, query=True), tuple(part.shape[:2]))
                          for part, native in zip(centred, self.native) if native]
+        # The native levels' products, interpolated over the query grid, are written here for
+        # each gallery image in turn (a fresh block would cost a page fault per 4 KiB).
+        self._coarse: torch.Tensor | None = None
         # What tolerance() needs from the query side.
         self._direct_norms = direct.pow(2).sum(1).sqrt()
         self._spread = sum((_mix_spread(part, _axis(part.shape[0], self.size[0]), _axis(part.shape[1], self.size[1]))
@@ -368,28 +410,31 @@ class _Plan:
         return torch.cat([_upsample(part, size) for part, native in zip(levels, self.native) if not native], 1)
 
     def gallery(self, levels: list[torch.Tensor]) -> _GalleryImage:
+        """The gallery side of one image. Its terms share one buffer with the previous image's:
+        search each image before preparing the next."""
         if [level.shape[-1] for level in levels] != self.channels:
             raise ValueError(f"query levels have {self.channels} channels, gallery levels "
                              f"{[level.shape[-1] for level in levels]}")
         size = tuple(levels[0].shape[:2])
         centred = [torch.sub(level, center) for level, center in zip(levels, self.centers)]  # float32
-        spread = torch.zeros(size[0] * size[1])
-        products, grids = [], []
-        for part, (operand, query_grid) in zip([p for p, n in zip(centred, self.native) if n], self.factored):
-            grid = tuple(part.shape[:2])
+        natives = [part for part, native in zip(centred, self.native) if native]
+        grids = tuple(tuple(part.shape[:2]) for part in natives)
+        rows = sum(h * w for h, w in grids)
+        if self._coarse is None or self._coarse.shape[0] != rows:
+            self._coarse = torch.empty(rows, len(self.queries))
+        spread, row = torch.zeros(size[0] * size[1]), 0
+        for part, (operand, query_grid), grid in zip(natives, self.factored, grids):
             spread += _mix_spread(part, _axis(grid[0], size[0]), _axis(grid[1], size[1]))
-            native = _matmul(operand, _operand(part.reshape(-1, part.shape[-1]), torch.float32, query=False))
-            products.append(_interpolate(native, query_grid, self.size))
-            grids.append(grid)
-        # In float32 the spread can ride in the norm column; a bfloat16 product would round
-        # it with the rest, so it is subtracted afterwards.
+            native = _matmul(_operand(part.reshape(-1, part.shape[-1]), torch.float32, query=False), operand)
+            _interpolate(native, query_grid, self.size, out=self._coarse[row : row + len(native)])
+            row += len(native)
+        taps, weights = _gallery_taps(grids, size)
+        terms = fused.Terms(self._coarse.numpy(), taps, weights, spread.numpy())
         stacked = self._direct(centred, size)
         norms = stacked.pow(2).sum(1)
-        if self.dtype == torch.float32:
-            direct = _operand(stacked, self.dtype, query=False, norms=norms - spread)
-            return _GalleryImage(direct, None, products, grids, size, longest=0.0)
         direct = _operand(stacked, self.dtype, query=False, norms=norms)
-        return _GalleryImage(direct, spread, products, grids, size, longest=float(norms.max().sqrt()))
+        longest = float(norms.max().sqrt()) if self.dtype == torch.bfloat16 else 0.0
+        return _GalleryImage(direct, terms, size, longest)
 
     def tolerance(self, gallery: _GalleryImage, rows: slice) -> _Tolerance:
         """How far the ranking distances of query rows ``rows`` to ``gallery`` can be from the exact
@@ -406,37 +451,10 @@ class _Plan:
         operands = 2 * (2 * u + u * u) * q * g + u * u * (q.pow(2) + g * g)
         return _Tolerance(spread, operands * (1 + u), u)
 
-    def distances(self, gallery: _GalleryImage, rows: slice) -> torch.Tensor:
-        """(G, P_t) ranking distances of query rows ``rows``, gallery-major, G padded with
-        +inf rows to a multiple of CHUNK, in float32 or, when the product needs nothing added,
-        in its own dtype. Each is the squared distance, plus the query's own interpolation
-        spread when levels are native (the same for all its candidates).
-
-        The padded block and the interpolation target are reused: fresh ones of this size cost a
-        page fault per 4 KiB on every call (the float32 product is used as it comes when it
-        needs no padding, which measured faster than copying it).
-        """
-        product = _matmul(gallery.direct, self.direct[rows])
-        if gallery.pixels % CHUNK == 0 and not gallery.products:
-            return product  # nothing to add: a bfloat16 product is ranked as it is (half the bytes)
-        if gallery.pixels % CHUNK == 0 and product.dtype == torch.float32:
-            out = body = product
-        else:
-            out = self._buffer("out", (-(-gallery.pixels // CHUNK) * CHUNK, product.shape[1]))
-            out[gallery.pixels :] = float("inf")
-            body = out[: gallery.pixels]
-            body.copy_(product)
-        for products, grid in zip(gallery.products, gallery.grids):
-            mixed = self._buffer("mixed", body.shape)
-            body.add_(_interpolate(products[rows].T.contiguous(), grid, gallery.size, out=mixed))
-        if gallery.spread is not None and gallery.products:
-            body.sub_(gallery.spread[:, None])
-        return out
-
-    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in self._buffers or self._buffers[name].shape != shape:
-            self._buffers[name] = torch.empty(shape)
-        return self._buffers[name]
+    def distances(self, gallery: _GalleryImage, rows: slice) -> _Block:
+        """The ranking distances of query rows ``rows``: each is the squared distance, plus the
+        query's own interpolation spread when levels are native (the same for all its candidates)."""
+        return _Block(_matmul(gallery.direct, self.direct[rows]), gallery.terms, rows.start)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

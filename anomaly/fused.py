@@ -1,0 +1,187 @@
+"""Compiled loops for the pixel search: ranking distances are reduced as they are formed.
+
+A ranking distance is the finest-grid matrix product plus the coarse levels' products,
+interpolated over the gallery grid, less the gallery pixel's interpolation spread (see
+:mod:`anomaly.search`). Formed with torch ops, each term is one more pass over a block of
+about 2.5 million entries per query tile and gallery image, and those passes, not the
+matrix products, used to take most of the search's time. Here one loop forms each gallery
+row in a cache-resident buffer and keeps only the minima of CHUNK-row chunks.
+
+numba compiles the loops on first use (a few seconds, then cached on disk); they release
+the GIL, so :func:`chunk_minima` splits the rows over torch's thread count.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a gallery image adds to its finest-grid product, per gallery pixel g:
+    ``sum_t weights[g, t] * coarse[taps[g, t], query] - spread[g]``."""
+
+    coarse: np.ndarray  # (R, P) float32: the native levels' products, interpolated over the query grid
+    taps: np.ndarray  # (G, T) int32 rows of ``coarse``
+    weights: np.ndarray  # (G, T) float32, 0 for unused taps
+    spread: np.ndarray  # (G,) float32
+
+
+def chunk_minima(product: torch.Tensor, terms: Terms, start: int, chunk: int) -> torch.Tensor:
+    """(ceil(G / chunk), P_t) float32 minima of ranking distances over chunks of ``chunk`` gallery
+    rows; ``product`` (G, P_t) is bfloat16 or float32, for query columns ``start:start + P_t``."""
+    rows, count = product.shape
+    chunks = -(-rows // chunk)
+    minima = np.empty((chunks, count), np.float32)
+    values = _as_numpy(product)
+    threads = max(1, min(torch.get_num_threads(), chunks))
+    bounds = np.linspace(0, chunks, threads + 1).astype(np.int64)
+    calls = [(values, terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk, int(a), int(b), minima)
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    if threads == 1:
+        _chunk_minima(*calls[0])
+    else:
+        for future in [_pool(threads).submit(_chunk_minima, *call) for call in calls]:
+            future.result()
+    return torch.from_numpy(minima)
+
+
+def passing(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: torch.Tensor,
+            reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gallery rows, query columns, ranking distances) of the entries within ``reach`` (P_t,) of
+    their query, from the chunks whose minimum is; the same sums as :func:`chunk_minima`."""
+    minima, reach = minima.numpy(), reach.numpy()
+    count = _count_passing(minima, reach)
+    rows, columns = np.empty(count * chunk, np.int64), np.empty(count * chunk, np.int64)
+    values = np.empty(count * chunk, np.float32)
+    found = _passing(_as_numpy(product), terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk,
+                     minima, reach, rows, columns, values)
+    return torch.from_numpy(rows[:found]), torch.from_numpy(columns[:found]), torch.from_numpy(values[:found])
+
+
+def mix_rows(source: torch.Tensor, first: torch.Tensor, second: torch.Tensor, weight_first: torch.Tensor,
+             weight_second: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[r, i] = weight_first[i] * source[r, first[i]] + weight_second[i] * source[r, second[i]]``
+    for (R, n, W) float32 ``source`` and (R, N, W) ``out``: bilinear upsampling down the middle axis."""
+    _mix_rows(source.numpy(), first.numpy(), second.numpy(), weight_first.numpy(), weight_second.numpy(), out.numpy())
+
+
+def _as_numpy(product: torch.Tensor) -> np.ndarray:
+    """numba has no bfloat16: its bits travel as int16 (the loops widen them to float32 exactly)."""
+    return product.view(torch.int16).numpy() if product.dtype == torch.bfloat16 else product.numpy()
+
+
+@lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="anomaly-search")
+
+
+# Plain IEEE arithmetic (no fast-math): the vectorised minima and the scalar entries must agree
+# to the last bit, or a chunk's best entry could fail its own bound.
+_FLAGS = dict(nogil=True, cache=True, boundscheck=False)
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """Reinterpret uint32 bits as a float32 (numba has no scalar bit cast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def _widen(value):
+    """A product entry as float32: bfloat16 bits (int16) go to the high half, exactly."""
+
+
+@overload(_widen)
+def _widen_typed(value):
+    if isinstance(value, types.Integer):
+        return lambda value: _float_from_bits(np.uint32(np.uint16(value)) << np.uint32(16))
+    return lambda value: value
+
+
+@numba.njit(**_FLAGS)
+def _chunk_minima(product, coarse, start, taps, weights, spread, chunk, first, last, minima):
+    """Taps come in groups of four (one native level each); each group is one pass over a
+    cache-resident row, the first fused with reading the product and the last with the minimum."""
+    rows, count = product.shape
+    groups = taps.shape[1] // 4
+    row = np.empty(count, np.float32)
+    for c in range(first, last):
+        low = minima[c]
+        low[:] = np.inf
+        for g in range(c * chunk, min(c * chunk + chunk, rows)):
+            src, s = product[g], spread[g]
+            if groups == 0:
+                for p in range(count):
+                    low[p] = min(low[p], _widen(src[p]) - s)
+            for k in range(groups):
+                t = 4 * k
+                w0, w1, w2, w3 = weights[g, t], weights[g, t + 1], weights[g, t + 2], weights[g, t + 3]
+                c0 = coarse[taps[g, t], start : start + count]
+                c1 = coarse[taps[g, t + 1], start : start + count]
+                c2 = coarse[taps[g, t + 2], start : start + count]
+                c3 = coarse[taps[g, t + 3], start : start + count]
+                if k == 0 and groups == 1:
+                    for p in range(count):
+                        low[p] = min(low[p], _widen(src[p]) + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p]) - s)
+                elif k == 0:
+                    for p in range(count):
+                        row[p] = _widen(src[p]) + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p])
+                elif k < groups - 1:
+                    for p in range(count):
+                        row[p] = row[p] + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p])
+                else:
+                    for p in range(count):
+                        low[p] = min(low[p], row[p] + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p]) - s)
+
+
+@numba.njit(**_FLAGS)
+def _count_passing(minima, reach):
+    count = 0
+    for c in range(minima.shape[0]):
+        for p in range(minima.shape[1]):
+            count += minima[c, p] <= reach[p]
+    return count
+
+
+@numba.njit(**_FLAGS)
+def _passing(product, coarse, start, taps, weights, spread, chunk, minima, reach, rows, columns, values):
+    """Entry by entry, the same sums as _chunk_minima, term by term in the same order."""
+    found = 0
+    for c in range(minima.shape[0]):
+        for p in range(minima.shape[1]):
+            if minima[c, p] > reach[p]:
+                continue
+            for g in range(c * chunk, min(c * chunk + chunk, product.shape[0])):
+                value = _widen(product[g, p])
+                for t in range(0, taps.shape[1], 4):
+                    value = value + (weights[g, t] * coarse[taps[g, t], start + p]
+                                     + weights[g, t + 1] * coarse[taps[g, t + 1], start + p]
+                                     + weights[g, t + 2] * coarse[taps[g, t + 2], start + p]
+                                     + weights[g, t + 3] * coarse[taps[g, t + 3], start + p])
+                value = value - spread[g]
+                if value <= reach[p]:
+                    rows[found], columns[found], values[found] = g, p, value
+                    found += 1
+    return found
+
+
+@numba.njit(**_FLAGS)
+def _mix_rows(source, first, second, weight_first, weight_second, out):
+    for r in range(source.shape[0]):
+        for i in range(out.shape[1]):
+            a, b = source[r, first[i]], source[r, second[i]]
+            wa, wb = weight_first[i], weight_second[i]
+            target = out[r, i]
+            for x in range(out.shape[2]):
+                target[x] = wa * a[x] + wb * b[x]

@@ -1,0 +1,72 @@
+"""The compiled loops of the pixel search against numpy and torch on small cases."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anomaly import fused, search
+
+
+def random_terms(rng, size: tuple[int, int], grids: tuple[tuple[int, int], ...], queries: int) -> fused.Terms:
+    taps, weights = search._gallery_taps(grids, size)
+    rows = sum(h * w for h, w in grids)
+    coarse = rng.normal(size=(rows, queries)).astype(np.float32)
+    return fused.Terms(coarse, taps, weights, rng.random(size[0] * size[1]).astype(np.float32))
+
+
+def reference(product: torch.Tensor, terms: fused.Terms, start: int) -> np.ndarray:
+    """(G, P_t) ranking distances in float64, term by term."""
+    columns = slice(start, start + product.shape[1])
+    out = product.double().numpy() - terms.spread.astype(np.float64)[:, None]
+    for t in range(terms.taps.shape[1]):
+        out += terms.weights[:, t, None].astype(np.float64) * terms.coarse[terms.taps[:, t], columns]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grids", [(), ((5, 4),), ((5, 4), (3, 2))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunk_minima_and_passing_entries_match_numpy(dtype, grids, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    rng = np.random.default_rng(0)
+    size, queries, start, chunk = (9, 7), 40, 11, 8  # 63 gallery pixels: the last chunk is short
+    terms = random_terms(rng, size, grids, queries)
+    product = torch.from_numpy(rng.normal(size=(63, 23)).astype(np.float32)).to(dtype)
+    want = reference(product, terms, start)
+
+    minima = fused.chunk_minima(product, terms, start, chunk)
+    padded = np.vstack([want, np.full((64 - 63, want.shape[1]), np.inf)])
+    np.testing.assert_allclose(minima.numpy(), padded.reshape(8, chunk, -1).min(1), rtol=1e-6, atol=1e-5)
+
+    # Everything passes an infinite reach: every entry comes back, as the same float32 sums.
+    rows, columns, values = fused.passing(product, terms, start, chunk, minima, torch.full((23,), np.inf))
+    assert len(values) == want.size
+    np.testing.assert_allclose(values.numpy(), want[rows.numpy(), columns.numpy()], rtol=1e-6, atol=1e-5)
+    dense = np.full(want.shape, np.nan, np.float32)
+    dense[rows.numpy(), columns.numpy()] = values.numpy()
+    np.testing.assert_array_equal(np.vstack([dense, padded[63:]]).reshape(8, chunk, -1).min(1), minima.numpy())
+
+    # A finite reach keeps exactly the entries within it, from the chunks whose minimum is.
+    reach = torch.from_numpy(np.quantile(want, 0.2, axis=0).astype(np.float32))
+    rows, columns, values = fused.passing(product, terms, start, chunk, minima, reach)
+    kept = values.numpy() <= reach.numpy()[columns.numpy()]
+    assert kept.all()
+    assert len(values) == int((dense <= reach.numpy()).sum())
+
+
+def test_bfloat16_products_are_widened_exactly():
+    values = torch.tensor([[1.0, -2.5, 3.0e-3, 6.5e4, 0.0, -0.0, float("inf"), 1.0e-38]]).to(torch.bfloat16)
+    terms = fused.Terms(np.zeros((0, 8), np.float32), np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32),
+                        np.zeros(1, np.float32))
+    np.testing.assert_array_equal(fused.chunk_minima(values, terms, 0, 8).numpy(), values.float().numpy())
+
+
+@pytest.mark.parametrize("grid, size", [((7, 7), (28, 28)), ((5, 3), (17, 11)), ((14, 14), (56, 56))])
+def test_interpolate_equals_torch_bilinear(grid, size):
+    rng = np.random.default_rng(2)
+    products = torch.from_numpy(rng.normal(size=(6, grid[0] * grid[1])).astype(np.float32))
+    out = torch.empty(6, size[0] * size[1])
+    search._interpolate(products, grid, size, out)
+    want = F.interpolate(products.view(1, 6, *grid), size=size, mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(out.numpy(), want.reshape(6, -1).numpy(), rtol=1e-5, atol=1e-6)
