@@ -3,7 +3,8 @@
 Both libraries default to one thread per core, and several dashboard sessions
 computing at once would then oversubscribe the machine many times over. So the
 process uses ``ANOMALY_THREADS`` (default: the cores it may run on) threads per
-library, and heavy work from concurrent callers queues on :data:`compute_lock`
+library (the pixel search's compiled loops, :mod:`anomaly.fused`, follow torch's
+count), and heavy work from concurrent callers queues on :data:`compute_lock`
 instead of competing for the same cores.
 """
 
