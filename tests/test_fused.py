@@ -1,5 +1,7 @@
 """The compiled loops of the pixel search against numpy and torch on small cases."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,16 @@ def test_interpolate_equals_torch_bilinear(grid, size):
     search._interpolate(products, grid, size, out)
     want = F.interpolate(products.view(1, 6, *grid), size=size, mode="bilinear", align_corners=False)
     np.testing.assert_allclose(out.numpy(), want.reshape(6, -1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_minima_from_concurrent_threads():
+    """Dashboard sessions may search at once; each call gets its own, correct minima."""
+    rng = np.random.default_rng(3)
+    terms = random_terms(rng, (9, 7), ((5, 4),), 40)
+    products = [torch.from_numpy(rng.normal(size=(63, 40)).astype(np.float32)) for _ in range(4)]
+    want = [fused.chunk_minima(product, terms, 0, 8) for product in products]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda product: fused.chunk_minima(product, terms, 0, 8), products))
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
