@@ -52,13 +52,9 @@ def passing(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima:
             reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gallery rows, query columns, ranking distances) of the entries within ``reach`` (P_t,) of
     their query, from the chunks whose minimum is; the same sums as :func:`chunk_minima`."""
-    minima, reach = minima.numpy(), reach.numpy()
-    count = _count_passing(minima, reach)
-    rows, columns = np.empty(count * chunk, np.int64), np.empty(count * chunk, np.int64)
-    values = np.empty(count * chunk, np.float32)
     found = _passing(_as_numpy(product), terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk,
-                     minima, reach, rows, columns, values)
-    return torch.from_numpy(rows[:found]), torch.from_numpy(columns[:found]), torch.from_numpy(values[:found])
+                     minima.numpy(), reach.numpy())
+    return tuple(torch.from_numpy(array) for array in found)
 
 
 def mix_rows(source: torch.Tensor, first: torch.Tensor, second: torch.Tensor, weight_first: torch.Tensor,
@@ -144,34 +140,33 @@ def _chunk_minima(product, coarse, start, taps, weights, spread, chunk, minima):
 
 
 @numba.njit(**_FLAGS)
-def _count_passing(minima, reach):
-    count = 0
+def _passing(product, coarse, start, taps, weights, spread, chunk, minima, reach):
+    """One scan for the chunks that pass, then entry by entry the same sums as _chunk_minima,
+    term by term in the same order."""
+    flat = np.empty(minima.size, np.int64)  # only the passing part is ever touched
+    passed = 0
     for c in range(minima.shape[0]):
         for p in range(minima.shape[1]):
-            count += minima[c, p] <= reach[p]
-    return count
-
-
-@numba.njit(**_FLAGS)
-def _passing(product, coarse, start, taps, weights, spread, chunk, minima, reach, rows, columns, values):
-    """Entry by entry, the same sums as _chunk_minima, term by term in the same order."""
+            if minima[c, p] <= reach[p]:
+                flat[passed] = c * minima.shape[1] + p
+                passed += 1
+    rows, columns = np.empty(passed * chunk, np.int64), np.empty(passed * chunk, np.int64)
+    values = np.empty(passed * chunk, np.float32)
     found = 0
-    for c in range(minima.shape[0]):
-        for p in range(minima.shape[1]):
-            if minima[c, p] > reach[p]:
-                continue
-            for g in range(c * chunk, min(c * chunk + chunk, product.shape[0])):
-                value = _widen(product[g, p])
-                for t in range(0, taps.shape[1], 4):
-                    value = value + (weights[g, t] * coarse[taps[g, t], start + p]
-                                     + weights[g, t + 1] * coarse[taps[g, t + 1], start + p]
-                                     + weights[g, t + 2] * coarse[taps[g, t + 2], start + p]
-                                     + weights[g, t + 3] * coarse[taps[g, t + 3], start + p])
-                value = value - spread[g]
-                if value <= reach[p]:
-                    rows[found], columns[found], values[found] = g, p, value
-                    found += 1
-    return found
+    for i in range(passed):
+        c, p = flat[i] // minima.shape[1], flat[i] % minima.shape[1]
+        for g in range(c * chunk, min(c * chunk + chunk, product.shape[0])):
+            value = _widen(product[g, p])
+            for t in range(0, taps.shape[1], 4):
+                value = value + (weights[g, t] * coarse[taps[g, t], start + p]
+                                 + weights[g, t + 1] * coarse[taps[g, t + 1], start + p]
+                                 + weights[g, t + 2] * coarse[taps[g, t + 2], start + p]
+                                 + weights[g, t + 3] * coarse[taps[g, t + 3], start + p])
+            value = value - spread[g]
+            if value <= reach[p]:
+                rows[found], columns[found], values[found] = g, p, value
+                found += 1
+    return rows[:found], columns[:found], values[:found]
 
 
 @numba.njit(**_FLAGS)
