@@ -34,7 +34,7 @@ def stacked_pixels(levels: list[np.ndarray]) -> np.ndarray:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kappa", [1, 3])
 def test_pixel_knn_matches_brute_force(precision, kappa, monkeypatch):
-    monkeypatch.setattr(search, "GALLERY_TILE", 37)  # several tiles, one ragged, padded chunks
+    monkeypatch.setattr(search, "GALLERY_TILE", 37)  # several tiles, one ragged, short last chunks
     monkeypatch.setattr(search, "QUERY_TILE", 50)
     rng = np.random.default_rng(0)
     queries = rng.normal(size=(130, 24)).astype(np.float32)
