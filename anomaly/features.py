@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backbones import BackboneIdentity, FeatureExtractor
-from .imageio import ImageLoadError, load_pixels
+from .imageio import ImageLoadError, load_pixels, to_float
 from .sources import InputItem
 
 THUMBNAIL_SIZE = 128
@@ -84,9 +84,7 @@ def prepare(image: np.ndarray, identity: BackboneIdentity, thumbnail: np.ndarray
 
 def channel(image: np.ndarray, index: int) -> np.ndarray:
     """One channel of a `load_pixels` image as contiguous float32 holding `load_image`'s values exactly."""
-    if image.dtype == np.uint8:
-        return np.divide(image[..., index], np.float32(255), dtype=np.float32)
-    return np.ascontiguousarray(image[..., index], dtype=np.float32)
+    return np.ascontiguousarray(to_float(image[..., index]))
 
 
 def load(item: InputItem, identity: BackboneIdentity, thumbnail: np.ndarray | None = None) -> Loaded:
