@@ -10,6 +10,10 @@ Typical use::
         print(result.path, result.score, result.anomalous(model.suggested_tau()))
 """
 
+from .allocator import configure_allocator
+
+configure_allocator()  # before torch is imported: it reads its huge-page switch at its first allocation
+
 from .backbones import BACKBONES, BackboneIdentity, FeatureExtractor, WeightsUnavailable, load_extractor
 from .bank import BankError, NormalBank
 from .imageio import ImageLoadError, load_image

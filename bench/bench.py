@@ -37,17 +37,18 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly import SPADE, search  # noqa: E402
+from anomaly import SPADE, allocator, search  # noqa: E402  (first: it sets torch's allocator up)
 from anomaly.bank import PyramidSpill  # noqa: E402
 from anomaly.datasets import MVTecCategory, load_mvtec_category  # noqa: E402
 from anomaly.demo import make_demo_dataset  # noqa: E402
 from anomaly.evaluation import evaluate  # noqa: E402
 from anomaly.features import iter_batches, load, stack_pyramid  # noqa: E402
 from anomaly.threads import configure_threads  # noqa: E402
+
+import torch  # noqa: E402
 
 SECTIONS = ("pixel", "accuracy", "throughput", "memory", "scaling", "bank5000")
 
@@ -364,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     threads = configure_threads()
     print("$ python " + " ".join(sys.argv))
     print(f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, "
-          f"bf16 {'native' if search.bf16_supported() else 'not native'}, load average {os.getloadavg()[0]:.2f}")
+          f"bf16 {'native' if search.bf16_supported() else 'not native'}, "
+          f"allocator: {', '.join(allocator.applied) or 'system default'}, load average {os.getloadavg()[0]:.2f}")
     for name in args.section or SECTIONS[:-1]:
         globals()[f"section_{name}"](args)
         print(f"(load average {os.getloadavg()[0]:.2f})")
