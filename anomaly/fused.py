@@ -81,7 +81,19 @@ _LAUNCH = threading.Lock()
 
 # Plain IEEE arithmetic (no fast-math): the vectorised minima and the scalar entries must agree
 # to the last bit, or a chunk's best entry could fail its own bound.
-_FLAGS = dict(nogil=True, cache=True, boundscheck=False)
+_FLAGS = dict(nogil=True, boundscheck=False)
+
+
+def _compiled(**options):
+    """``numba.njit(**options)``, cached on disk where numba finds a writable place (beside this
+    file, or the user's cache directory), else compiled in memory at every start: a read-only
+    install run by a user without a writable home must not fail at import."""
+    def decorate(function):
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return numba.njit(**options)(function)
+    return decorate
 
 
 @intrinsic
@@ -103,7 +115,7 @@ def _widen_typed(value):
     return lambda value: value
 
 
-@numba.njit(parallel=True, **_FLAGS)
+@_compiled(parallel=True, **_FLAGS)
 def _chunk_minima(product, coarse, start, taps, weights, spread, chunk, minima):
     """Taps come in groups of four (one native level each); each group is one pass over a
     cache-resident row, the first fused with reading the product and the last with the minimum."""
@@ -139,7 +151,7 @@ def _chunk_minima(product, coarse, start, taps, weights, spread, chunk, minima):
                         low[p] = min(low[p], row[p] + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p]) - s)
 
 
-@numba.njit(**_FLAGS)
+@_compiled(**_FLAGS)
 def _passing(product, coarse, start, taps, weights, spread, chunk, minima, reach):
     """One scan for the chunks that pass, then entry by entry the same sums as _chunk_minima,
     term by term in the same order."""
@@ -169,7 +181,7 @@ def _passing(product, coarse, start, taps, weights, spread, chunk, minima, reach
     return rows[:found], columns[:found], values[:found]
 
 
-@numba.njit(**_FLAGS)
+@_compiled(**_FLAGS)
 def _mix_rows(source, first, second, weight_first, weight_second, out):
     for r in range(source.shape[0]):
         for i in range(out.shape[1]):

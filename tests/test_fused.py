@@ -1,6 +1,11 @@
 """The compiled loops of the pixel search against numpy and torch on small cases."""
 
+import os
+import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +90,29 @@ def test_chunk_minima_from_concurrent_threads():
             got = list(pool.map(lambda product: fused.chunk_minima(product, terms, 0, 8), products))
             for a, b in zip(got, want):
                 np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+UNCACHED_SEARCH = """
+import numpy as np, torch, anomaly
+from anomaly import search
+assert anomaly.__file__.startswith({root!r}), anomaly.__file__
+rng = np.random.default_rng(0)
+queries, gallery = rng.normal(size=(50, 24)).astype(np.float32), rng.normal(size=(300, 24)).astype(np.float32)
+got = search.pixel_knn(torch.from_numpy(queries), torch.from_numpy(gallery), 2, "fp32").numpy()
+want = np.sort(((queries[:, None].astype(np.float64) - gallery[None]) ** 2).sum(-1), axis=1)[:, :2]
+print(np.abs(got - want).max())
+"""
+
+
+def test_compiles_in_memory_where_nothing_can_be_cached(tmp_path):
+    """A read-only install run by a user without a writable home: numba finds nowhere to cache
+    the loops, and the import must still work (it used to fail with numba's RuntimeError)."""
+    shutil.copytree(Path(__file__).resolve().parents[1] / "anomaly", tmp_path / "anomaly",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "anomaly" / "__pycache__").write_text("")  # nothing can be cached beside the source
+    nowhere = str(tmp_path / "anomaly" / "__pycache__" / "cache")  # under a file: not creatable, even by root
+    env = {**os.environ, "HOME": nowhere, "XDG_CACHE_HOME": nowhere, "NUMBA_CACHE_DIR": nowhere}
+    done = subprocess.run([sys.executable, "-c", UNCACHED_SEARCH.format(root=str(tmp_path))], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-3
