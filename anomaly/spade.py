@@ -18,7 +18,7 @@ import torch
 from . import search
 from .backbones import FeatureExtractor, load_extractor
 from .bank import TAU_QUANTILE, BankError, NormalBank, PyramidSpill
-from .features import Progress, iter_batches
+from .features import Kept, Progress, iter_batches
 from .postprocess import DEFAULT_SIGMA, to_image_map
 from .sources import InputItem
 from .threads import compute_lock, configure_threads
@@ -155,18 +155,17 @@ class SPADE:
         """
         extractor = self.extractor
         spill = PyramidSpill()
-        global_parts, paths, sizes, thumbnails, skipped = [], [], [], [], []
+        kept = Kept.allocate(len(items), extractor.global_dim)
+        paths, sizes, skipped = [], [], []
         try:
-            for batch in iter_batches(extractor, items, self.batch_size, thumbnails=True, progress=progress):
+            for batch in iter_batches(extractor, items, self.batch_size, kept=kept, progress=progress):
                 skipped += [entry.error for entry in batch.loaded if entry.error is not None]
                 ok = batch.ok
                 if not ok:
                     continue
-                global_parts.append(batch.global_features)
                 spill.append(batch.pyramid)
                 paths += [entry.item.path for entry in ok]
                 sizes += [entry.size for entry in ok]
-                thumbnails += [entry.thumbnail for entry in ok]
         except BaseException:
             spill.discard()
             raise
@@ -176,14 +175,14 @@ class SPADE:
             raise BankError(f"no normal image could be read{detail}: a bank needs at least one")
         bank = NormalBank(
             identity=extractor.identity,
-            global_features=np.concatenate(global_parts),
+            global_features=kept.global_features[: kept.count],
             pyramid=spill.finish(),
             paths=paths,
             sizes=np.asarray(sizes, np.int32),
-            thumbnails=np.stack(thumbnails),
+            thumbnails=kept.thumbnails[: kept.count],
             skipped=skipped,
         )
-        del batch, global_parts, thumbnails  # views of the extractor's blocks: not kept through calibration
+        del batch  # its pyramid tensors: not kept through calibration
         bank.loo_k = min(self.k, len(bank) - 1)
         bank.loo_scores = bank.leave_one_out_scores(self.k)
         bank.loo_map_max = self._calibrate_pixels(bank, calibration_progress)

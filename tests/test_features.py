@@ -97,7 +97,8 @@ def test_batches_follow_the_input_order_with_errors_in_place(small_resnet18):
     items = [item(f"{i}.png", random_image((40 + i, 50), i)) for i in range(7)]
     items.insert(3, InputItem("bad.png", "bad.png", None, png_bytes(random_image((40, 50)))[:-60]))
     progress = []
-    batches = list(features.iter_batches(small_resnet18, items, batch_size=3, thumbnails=True,
+    blocks = features.Kept.allocate(len(items), small_resnet18.global_dim)
+    batches = list(features.iter_batches(small_resnet18, items, batch_size=3, kept=blocks,
                                          progress=lambda done, total: progress.append((done, total))))
     assert progress == [(3, 8), (6, 8), (8, 8)]
     loaded = [entry for batch in batches for entry in batch.loaded]
@@ -112,10 +113,15 @@ def test_batches_follow_the_input_order_with_errors_in_place(small_resnet18):
     ok = [entry for entry in loaded if entry.error is None]
     alone = features.run_backbone(small_resnet18, [features.load(ok[4].item, small_resnet18.identity)])
     np.testing.assert_allclose(batches[1].global_features[1], alone.global_features[0], rtol=1e-4, atol=1e-5)
-    for entry in ok:
+    for row, entry in enumerate(ok):
         thumbnail = np.empty_like(entry.thumbnail)
         features.load(entry.item, small_resnet18.identity, thumbnail)
         np.testing.assert_array_equal(entry.thumbnail, thumbnail)
+        np.testing.assert_array_equal(blocks.thumbnails[row], thumbnail)  # moved up past the unreadable input
+    # The blocks hold the readable inputs in order: what the bank uses, without a copy.
+    assert blocks.count == len(ok)
+    np.testing.assert_array_equal(blocks.global_features[: blocks.count],
+                                  np.concatenate([batch.global_features for batch in batches]))
 
 
 def test_batch_size_must_be_positive(small_resnet18):
