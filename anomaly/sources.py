@@ -156,7 +156,8 @@ def _zip_items(arg: str, archive: str | Path | BinaryIO, limits: ZipLimits) -> C
 
 
 def _read_zip(arg: str, zf: zipfile.ZipFile, limits: ZipLimits) -> Collection:
-    members = [info for info in zf.infolist() if not info.is_dir()]
+    # Not ZipInfo.is_dir(): it fails on an empty name (zipfile cuts a name at its first NUL byte).
+    members = [info for info in zf.infolist() if not info.filename.endswith("/")]
     if len(members) > limits.max_files:
         raise _ArchiveRejected(f"too many files: {len(members):,} exceeds the {limits.max_files:,}-file limit")
     collection = Collection()

@@ -107,6 +107,14 @@ def test_zip_members_nested_folders_and_directory_entries(tmp_path) -> None:
     assert all(i.source is None and i.read_bytes() == PNG for i in collection.items)
 
 
+def test_member_named_by_a_nul_byte_is_skipped() -> None:
+    # zipfile cuts a name at its first NUL, so this member's name is empty: ZipInfo.is_dir() used to
+    # raise IndexError on it and lose the whole batch (found by test_arbitrary_zips_never_escape).
+    collection = items_from_upload("in.zip", hostile.zip_bytes({"\x00": b"x", "a.png": PNG}))
+    assert collection.errors == []
+    assert [(i.path, i.relpath) for i in collection.items] == [("in.zip/a.png", "a.png")]
+
+
 def test_hostile_member_names_are_sanitised_and_nothing_is_written(tmp_path, monkeypatch) -> None:
     work = tmp_path / "work"
     work.mkdir()
