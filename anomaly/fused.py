@@ -64,6 +64,23 @@ def mix_rows(source: torch.Tensor, first: torch.Tensor, second: torch.Tensor, we
     _mix_rows(source.numpy(), first.numpy(), second.numpy(), weight_first.numpy(), weight_second.numpy(), out.numpy())
 
 
+def add_level_distances(queries: np.ndarray, column: int, query_ids: np.ndarray, pixels: np.ndarray, width: int,
+                        level: torch.Tensor, taps: tuple[np.ndarray, ...] | None, out: np.ndarray) -> None:
+    """``out[m] += sum_c (queries[query_ids[m], column + c] - g_c)^2`` over the channels of one gallery
+    level (h, w, C), g its pixel ``pixels[m]`` of the finest grid (``width`` wide): the level's own pixel
+    when ``taps`` is None, else mixed from four (rows first, second, weights; columns likewise), across
+    then down in float32, the order of ``F.interpolate``."""
+    if level.dtype == torch.float16:
+        values = level.numpy().view(np.uint16)  # widened in the loop through _HALF
+    else:
+        values = level.float().numpy()
+    interpolate = taps is not None
+    if taps is None:
+        none_int, none_float = np.zeros(1, np.int64), np.zeros(1, np.float32)
+        taps = (none_int, none_int, none_float, none_float) * 2
+    _add_level_distances(queries, column, query_ids, pixels, width, values, _HALF, interpolate, *taps, out)
+
+
 def _threads() -> int:
     """torch's thread count, as far as numba's team goes."""
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
@@ -179,6 +196,44 @@ def _passing(product, coarse, start, taps, weights, spread, chunk, minima, reach
                 rows[found], columns[found], values[found] = g, p, value
                 found += 1
     return rows[:found], columns[:found], values[:found]
+
+
+_HALF = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+"""Every float16 bit pattern as float32 (exact): the loops read float16 levels through it."""
+
+
+def _value(value, half):
+    """A level entry as float32: float16 bits (uint16) through ``half``, float32 as it is."""
+
+
+@overload(_value)
+def _value_typed(value, half):
+    if isinstance(value, types.Integer):
+        return lambda value, half: half[value]
+    return lambda value, half: value
+
+
+@_compiled(**_FLAGS)
+def _add_level_distances(queries, column, query_ids, pixels, width, level, half, interpolate, first_y, second_y,
+                         weight_first_y, weight_second_y, first_x, second_x, weight_first_x, weight_second_x, out):
+    channels = level.shape[2]
+    for m in range(pixels.shape[0]):
+        y, x = pixels[m] // width, pixels[m] % width
+        q = queries[query_ids[m]]
+        total = np.float32(0)
+        if interpolate:
+            r0, r1, c0, c1 = first_y[y], second_y[y], first_x[x], second_x[x]
+            a0, a1, b0, b1 = weight_first_y[y], weight_second_y[y], weight_first_x[x], weight_second_x[x]
+            for c in range(channels):
+                top = b0 * _value(level[r0, c0, c], half) + b1 * _value(level[r0, c1, c], half)
+                bottom = b0 * _value(level[r1, c0, c], half) + b1 * _value(level[r1, c1, c], half)
+                gap = q[column + c] - (a0 * top + a1 * bottom)
+                total += gap * gap
+        else:
+            for c in range(channels):
+                gap = q[column + c] - _value(level[y, x, c], half)
+                total += gap * gap
+        out[m] += total
 
 
 @_compiled(**_FLAGS)

@@ -254,16 +254,37 @@ class _Candidates:
 
 def _exact(queries: torch.Tensor, images: list[list[torch.Tensor]], query_ids: torch.Tensor,
            pixel_ids: torch.Tensor) -> torch.Tensor:
-    """sum((q - g)^2) in float32 for each (query, gallery pixel) pair."""
+    """sum((q - g)^2) in float32 for each (query, gallery pixel) pair, each gallery pixel upsampled
+    as :func:`anomaly.features.stack_pyramid` does, one level at a time in a compiled loop."""
     sizes = torch.tensor([image[0].shape[0] * image[0].shape[1] for image in images])
     starts = torch.cumsum(sizes, 0) - sizes
     owner = torch.bucketize(pixel_ids, starts, right=True) - 1
-    out = torch.empty(len(pixel_ids))
-    for n in owner.unique().tolist():
-        where = (owner == n).nonzero().squeeze(1)
-        pixels = _upsampled_pixels(images[n], pixel_ids[where] - starts[n])
-        out[where] = (queries[query_ids[where]] - pixels).pow(2).sum(1)
-    return out
+    order = owner.argsort(stable=True)
+    bounds = torch.searchsorted(owner[order], torch.arange(len(images) + 1)).tolist()
+    flat = queries.contiguous().numpy()
+    out = np.empty(len(pixel_ids), np.float32)
+    for n, (low, high) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if low == high:
+            continue
+        where = order[low:high]
+        ids, pixels = query_ids[where].numpy(), (pixel_ids[where] - starts[n]).numpy()
+        size = tuple(images[n][0].shape[:2])
+        found, column = np.zeros(high - low, np.float32), 0
+        for level in images[n]:
+            grid = tuple(level.shape[:2])
+            taps = None if grid == size else _level_taps(grid, size)
+            fused.add_level_distances(flat, column, ids, pixels, size[1], level, taps, found)
+            column += level.shape[2]
+        out[where.numpy()] = found
+    return torch.from_numpy(out)
+
+
+@lru_cache(maxsize=64)
+def _level_taps(grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """Rows' then columns' first and second taps and their weights, upsampling ``grid`` to ``size``."""
+    rows, cols = _axis(grid[0], size[0]), _axis(grid[1], size[1])
+    return tuple(np.ascontiguousarray(part.numpy()) for axis in (rows, cols)
+                 for part in (axis.first, axis.second, axis.weight_first, axis.weight_second))
 
 
 def _rank_within_query(values: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,26 +532,3 @@ def _mix_spread(level: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
     spread += wy0 * wy1 * (wx0 * wx0 * down[y0, x0] + wx1 * wx1 * down[y0, x1])
     spread += wy0 * wy1 * wx0 * wx1 * (diagonal[y0, x0] + anti[y0, x0])
     return spread.reshape(-1)
-
-
-def _upsampled_pixels(levels: list[torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
-    """(M, C) float32 stacked-pyramid vectors of the given finest-grid pixels of one image.
-
-    Mixes each coarse level's four taps in the order ``F.interpolate`` does (across, then down).
-    """
-    height, width, _ = levels[0].shape
-    y, x = pixels // width, pixels % width
-    parts = [levels[0].reshape(height * width, -1).index_select(0, pixels).float()]
-    for level in levels[1:]:
-        h, w, channels = level.shape
-        rows, cols = _axis(h, height), _axis(w, width)
-        flat = level.reshape(h * w, channels)
-
-        def across(r: torch.Tensor) -> torch.Tensor:
-            left = flat.index_select(0, r * w + cols.first[x]).float()
-            right = flat.index_select(0, r * w + cols.second[x]).float()
-            return cols.weight_first[x, None] * left + cols.weight_second[x, None] * right
-
-        down = rows.weight_first[y, None] * across(rows.first[y])
-        parts.append(down + rows.weight_second[y, None] * across(rows.second[y]))
-    return torch.cat(parts, 1)

@@ -139,13 +139,20 @@ def test_mix_spread_is_what_interpolating_squared_distances_adds():
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
 
 
-def test_upsampled_pixels_match_stack_pyramid():
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_exact_distances_are_those_to_the_stacked_pyramid(dtype):
+    """Pairs from several gallery images, in any order, against float64 numpy on stack_pyramid's pixels
+    (float16 levels as the bank stores them, float32 as pixel_knn passes them)."""
     rng = np.random.default_rng(5)
-    levels = [level[0] for level in random_pyramid(rng, 1, size=(15, 9))]
-    want = stacked_pixels([level[None] for level in levels])
-    pixels = torch.tensor([0, 8, 9, 77, 134])
-    got = search._upsampled_pixels([torch.from_numpy(level).permute(1, 2, 0) for level in levels], pixels)
-    np.testing.assert_allclose(got.numpy(), want[pixels.numpy()], atol=1e-6)
+    levels = [level.astype(dtype) for level in random_pyramid(rng, 3, size=(15, 9))]
+    gallery = stacked_pixels(levels)  # (3 * 135, C): image n's pixels from n * 135
+    queries = rng.normal(size=(7, gallery.shape[1])).astype(np.float32)
+    query_ids = rng.integers(0, 7, 40)
+    pixel_ids = rng.integers(0, len(gallery), 40)
+    images = [[torch.from_numpy(np.ascontiguousarray(level[n].transpose(1, 2, 0))) for level in levels] for n in range(3)]
+    got = search._exact(torch.from_numpy(queries), images, torch.from_numpy(query_ids), torch.from_numpy(pixel_ids))
+    want = ((queries[query_ids].astype(np.float64) - gallery[pixel_ids].astype(np.float64)) ** 2).sum(1)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
 
 
 def test_pixel_knn_rejects_bad_kappa_precision_and_channels():
