@@ -5,7 +5,9 @@ interpolated over the gallery grid, less the gallery pixel's interpolation sprea
 :mod:`anomaly.search`). Formed with torch ops, each term is one more pass over a block of
 about 2.5 million entries per query tile and gallery image, and those passes, not the
 matrix products, used to take most of the search's time. Here one loop forms each gallery
-row in a cache-resident buffer and keeps only the minima of CHUNK-row chunks.
+row in a cache-resident buffer and keeps only the minima of CHUNK-row chunks. Two smaller
+loops interpolate the coarse products down the query grid and recompute the candidates'
+exact distances from the gallery levels, mixing each pixel's taps as ``F.interpolate`` does.
 
 numba compiles the loops on first use (a few seconds, then cached on disk). The minima
 loop runs on numba's own thread team (OpenMP or TBB where available), as many threads as
@@ -74,11 +76,12 @@ def add_level_distances(queries: np.ndarray, column: int, query_ids: np.ndarray,
         values = level.numpy().view(np.uint16)  # widened in the loop through _HALF
     else:
         values = level.float().numpy()
-    interpolate = taps is not None
-    if taps is None:
-        none_int, none_float = np.zeros(1, np.int64), np.zeros(1, np.float32)
-        taps = (none_int, none_int, none_float, none_float) * 2
-    _add_level_distances(queries, column, query_ids, pixels, width, values, _HALF, interpolate, *taps, out)
+    _add_level_distances(queries, column, query_ids, pixels, width, values, _HALF, taps is not None,
+                         *(_NO_TAPS if taps is None else taps), out)
+
+
+# Typed stand-ins for the rows' and columns' taps of a level read as it is (the loop never touches them).
+_NO_TAPS = ((np.zeros(1, np.int64),) * 2 + (np.zeros(1, np.float32),) * 2) * 2
 
 
 def _threads() -> int:
