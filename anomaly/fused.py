@@ -50,12 +50,30 @@ def chunk_minima(product: torch.Tensor, terms: Terms, start: int, chunk: int) ->
     return torch.from_numpy(minima)
 
 
-def passing(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: torch.Tensor,
-            reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gallery rows, query columns, ranking distances) of the entries within ``reach`` (P_t,) of
-    their query, from the chunks whose minimum is; the same sums as :func:`chunk_minima`."""
-    found = _passing(_as_numpy(product), terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk,
-                     minima.numpy(), reach.numpy())
+@dataclass(frozen=True)
+class Tolerance:
+    """What a query's ranking distances r to one gallery image say about the exact ones d:
+    ``r - offset`` lies within ``d * (1 +- roundoff) +- slack``. So d is at least
+    ``(r - offset - slack) / (1 + roundoff)`` and at most ``(r - offset + slack) / (1 - roundoff)``."""
+
+    offset: np.ndarray  # (P_t,) float32: the query's own interpolation spread, in every ranking distance
+    slack: np.ndarray  # (P_t,) float32 absolute error bound
+    roundoff: float  # relative error bound (rounding of a bfloat16 product itself)
+
+
+def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: torch.Tensor, kth: torch.Tensor,
+           within: torch.Tensor, tolerance: Tolerance) -> tuple[torch.Tensor, ...]:
+    """The entries that may still be among their query's nearest, from the chunks of
+    :func:`chunk_minima`; the same sums, term by term in the same order.
+
+    ``within`` (P_t,) float32, each query's bound on its kappa-th nearest exact distance, is first
+    lowered in place to the upper end of ``kth`` (the kappa-th smallest chunk minimum, or +inf).
+    Returns (lower ends, upper ends, query columns, gallery rows) of the entries whose lower end is
+    within it.
+    """
+    found = _screen(_as_numpy(product), terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk,
+                    minima.numpy(), kth.numpy(), within.numpy(), tolerance.offset, tolerance.slack,
+                    np.float32(tolerance.roundoff))
     return tuple(torch.from_numpy(array) for array in found)
 
 
@@ -172,21 +190,29 @@ def _chunk_minima(product, coarse, start, taps, weights, spread, chunk, minima):
 
 
 @_compiled(**_FLAGS)
-def _passing(product, coarse, start, taps, weights, spread, chunk, minima, reach):
-    """One scan for the chunks that pass, then entry by entry the same sums as _chunk_minima,
-    term by term in the same order."""
+def _screen(product, coarse, start, taps, weights, spread, chunk, minima, kth, within, offset, slack, roundoff):
+    """Lower ``within``, then one scan for the chunks that pass, and their entries one by one."""
+    count = minima.shape[1]
+    grow, shrink = np.float32(1) + roundoff, np.float32(1) - roundoff
+    reach = np.empty(count, np.float32)
+    for p in range(count):
+        within[p] = min(within[p], (kth[p] - offset[p] + slack[p]) / shrink)
+        # The largest ranking distance whose lower end can be within it, widened by far more
+        # than its own rounding (entries it lets through are tested on their lower end).
+        reach[p] = (within[p] * grow + offset[p] + slack[p]
+                    + np.float32(1e-6) * (abs(within[p]) * grow + abs(offset[p]) + slack[p]))
     flat = np.empty(minima.size, np.int64)  # only the passing part is ever touched
     passed = 0
     for c in range(minima.shape[0]):
-        for p in range(minima.shape[1]):
+        for p in range(count):
             if minima[c, p] <= reach[p]:
-                flat[passed] = c * minima.shape[1] + p
+                flat[passed] = c * count + p
                 passed += 1
-    rows, columns = np.empty(passed * chunk, np.int64), np.empty(passed * chunk, np.int64)
-    values = np.empty(passed * chunk, np.float32)
+    lower, upper = np.empty(passed * chunk, np.float32), np.empty(passed * chunk, np.float32)
+    columns, rows = np.empty(passed * chunk, np.int64), np.empty(passed * chunk, np.int64)
     found = 0
     for i in range(passed):
-        c, p = flat[i] // minima.shape[1], flat[i] % minima.shape[1]
+        c, p = flat[i] // count, flat[i] % count
         for g in range(c * chunk, min(c * chunk + chunk, product.shape[0])):
             value = _widen(product[g, p])
             for t in range(0, taps.shape[1], 4):
@@ -196,9 +222,12 @@ def _passing(product, coarse, start, taps, weights, spread, chunk, minima, reach
                                  + weights[g, t + 3] * coarse[taps[g, t + 3], start + p])
             value = value - spread[g]
             if value <= reach[p]:
-                rows[found], columns[found], values[found] = g, p, value
-                found += 1
-    return rows[:found], columns[:found], values[:found]
+                low = (value - offset[p] - slack[p]) / grow
+                if low <= within[p]:
+                    lower[found], upper[found] = low, (value - offset[p] + slack[p]) / shrink
+                    columns[found], rows[found] = p, g
+                    found += 1
+    return lower[:found], upper[:found], columns[:found], rows[:found]
 
 
 _HALF = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)

@@ -176,34 +176,10 @@ def _search(
     return _smallest(exact, query_ids, len(plan.queries), kappa)
 
 
-@dataclass(frozen=True)
-class _Tolerance:
-    """What a query's ranking distances r to one gallery image say about the exact ones d:
-    ``r - offset`` lies within ``d * (1 +- roundoff) +- slack`` (see :meth:`_Plan.tolerance`)."""
-
-    offset: torch.Tensor  # (P_t,) the query's own interpolation spread, in every ranking distance
-    slack: torch.Tensor  # (P_t,) absolute error bound
-    roundoff: float  # relative error bound (rounding of the bfloat16 product itself)
-
-    def lower(self, ranking: torch.Tensor, query: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        """The least exact distance a ranking distance allows (``query``: the row of each entry)."""
-        return (ranking - self.offset[query] - self.slack[query]) / (1 + self.roundoff)
-
-    def upper(self, ranking: torch.Tensor, query: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        return (ranking - self.offset[query] + self.slack[query]) / (1 - self.roundoff)
-
-    def reach(self, within: torch.Tensor) -> torch.Tensor:
-        """The largest ranking distances whose lower end can be within ``within``: the inverse of
-        :meth:`lower`, widened by far more than its own float32 rounding (entries it lets through
-        are then tested with :meth:`lower` itself)."""
-        scale = 1 + self.roundoff
-        return within * scale + self.offset + self.slack + 1e-6 * (within.abs() * scale + self.offset.abs() + self.slack)
-
-
 class _Candidates:
     """For a tile of queries, every gallery pixel that may still be among each one's kappa nearest.
 
-    Each ranking distance brackets the exact distance (:class:`_Tolerance`); a pixel stays while
+    Each ranking distance brackets the exact distance (:class:`anomaly.fused.Tolerance`); a pixel stays while
     its lower end is within the kappa-th smallest upper end seen. Each gallery image's block of
     distances arrives as minima of CHUNK-row chunks (:class:`_Block`); only the chunks that pass
     are read entry by entry, and after the nearest images that is about one chunk per query per
@@ -216,20 +192,18 @@ class _Candidates:
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._size, self._merged_size = 0, 0
 
-    def offer(self, block: _Block, offset: int, tolerance: _Tolerance) -> None:
+    def offer(self, block: _Block, offset: int, tolerance: fused.Tolerance) -> None:
         count = len(self.within)
         minima = block.chunk_minima()
         # The kappa-th smallest entry of a block is at most its kappa-th smallest chunk minimum.
         if self.kappa == 1:
-            self.within = torch.minimum(self.within, tolerance.upper(minima.amin(0)))
+            kth = minima.amin(0)
         elif len(minima) >= self.kappa:
             kth = minima.topk(self.kappa, dim=0, largest=False).values[-1]
-            self.within = torch.minimum(self.within, tolerance.upper(kth))
-        rows, query, values = block.passing(minima, tolerance.reach(self.within))
-        lower = tolerance.lower(values, query)
-        useful = lower <= self.within[query]
-        upper = tolerance.upper(values[useful], query[useful])
-        self._pending.append((lower[useful], upper, query[useful], rows[useful] + offset))
+        else:
+            kth = torch.full_like(self.within, float("inf"))
+        lower, upper, query, rows = block.screen(minima, kth, self.within, tolerance)
+        self._pending.append((lower, upper, query, rows + offset))
         self._size += len(upper)
         if self._size > 2 * self._merged_size + 8 * count * self.kappa:
             self._merge()
@@ -390,9 +364,10 @@ class _Block:
     def chunk_minima(self) -> torch.Tensor:
         return fused.chunk_minima(self.product, self.terms, self.start, CHUNK)
 
-    def passing(self, minima: torch.Tensor, reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, columns, ranking distances) of the entries within ``reach`` of their query."""
-        return fused.passing(self.product, self.terms, self.start, CHUNK, minima, reach)
+    def screen(self, minima: torch.Tensor, kth: torch.Tensor, within: torch.Tensor,
+               tolerance: fused.Tolerance) -> tuple[torch.Tensor, ...]:
+        """:func:`anomaly.fused.screen` on this block."""
+        return fused.screen(self.product, self.terms, self.start, CHUNK, minima, kth, within, tolerance)
 
 
 class _Plan:
@@ -457,7 +432,7 @@ class _Plan:
         longest = float(norms.max().sqrt()) if self.dtype == torch.bfloat16 else 0.0
         return _GalleryImage(direct, terms, size, longest)
 
-    def tolerance(self, gallery: _GalleryImage, rows: slice) -> _Tolerance:
+    def tolerance(self, gallery: _GalleryImage, rows: slice) -> fused.Tolerance:
         """How far the ranking distances of query rows ``rows`` to ``gallery`` can be from the exact
         ones, beyond float32 rounding (the float32 ranking is trusted as the reference is).
 
@@ -465,12 +440,12 @@ class _Plan:
         2 (2u + u^2) |q| |g| (Cauchy-Schwarz) and the hi/lo norm columns by u^2 (|q|^2 + |g|^2);
         rounding the product itself, a distance, adds u of it.
         """
-        spread = self._spread[rows]
+        spread = self._spread[rows].numpy()
         if self.dtype == torch.float32:
-            return _Tolerance(spread, torch.zeros_like(spread), 0.0)
+            return fused.Tolerance(spread, np.zeros_like(spread), 0.0)
         u, q, g = BF16_ROUNDOFF, self._direct_norms[rows], gallery.longest
         operands = 2 * (2 * u + u * u) * q * g + u * u * (q.pow(2) + g * g)
-        return _Tolerance(spread, operands * (1 + u), u)
+        return fused.Tolerance(spread, (operands * (1 + u)).numpy(), u)
 
     def distances(self, gallery: _GalleryImage, rows: slice) -> _Block:
         """The ranking distances of query rows ``rows``: each is the squared distance, plus the

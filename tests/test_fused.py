@@ -31,10 +31,13 @@ def reference(product: torch.Tensor, terms: fused.Terms, start: int) -> np.ndarr
     return out
 
 
+EXACT = fused.Tolerance(np.zeros(23, np.float32), np.zeros(23, np.float32), 0.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grids", [(), ((5, 4),), ((5, 4), (3, 2))])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_chunk_minima_and_passing_entries_match_numpy(dtype, grids, threads, monkeypatch):
+def test_chunk_minima_and_screened_entries_match_numpy(dtype, grids, threads, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     rng = np.random.default_rng(0)
     size, queries, start, chunk = (9, 7), 40, 11, 8  # 63 gallery pixels: the last chunk is short
@@ -46,20 +49,51 @@ def test_chunk_minima_and_passing_entries_match_numpy(dtype, grids, threads, mon
     padded = np.vstack([want, np.full((64 - 63, want.shape[1]), np.inf)])
     np.testing.assert_allclose(minima.numpy(), padded.reshape(8, chunk, -1).min(1), rtol=1e-6, atol=1e-5)
 
-    # Everything passes an infinite reach: every entry comes back, as the same float32 sums.
-    rows, columns, values = fused.passing(product, terms, start, chunk, minima, torch.full((23,), np.inf))
-    assert len(values) == want.size
-    np.testing.assert_allclose(values.numpy(), want[rows.numpy(), columns.numpy()], rtol=1e-6, atol=1e-5)
+    # Nothing known yet: every entry comes back, as the same float32 sums.
+    infinite = torch.full((23,), np.inf)
+    lower, upper, columns, rows = fused.screen(product, terms, start, chunk, minima, infinite, infinite.clone(), EXACT)
+    assert len(lower) == want.size
+    np.testing.assert_array_equal(lower.numpy(), upper.numpy())
+    np.testing.assert_allclose(lower.numpy(), want[rows.numpy(), columns.numpy()], rtol=1e-6, atol=1e-5)
     dense = np.full(want.shape, np.nan, np.float32)
-    dense[rows.numpy(), columns.numpy()] = values.numpy()
+    dense[rows.numpy(), columns.numpy()] = lower.numpy()
     np.testing.assert_array_equal(np.vstack([dense, padded[63:]]).reshape(8, chunk, -1).min(1), minima.numpy())
 
-    # A finite reach keeps exactly the entries within it, from the chunks whose minimum is.
-    reach = torch.from_numpy(np.quantile(want, 0.2, axis=0).astype(np.float32))
-    rows, columns, values = fused.passing(product, terms, start, chunk, minima, reach)
-    kept = values.numpy() <= reach.numpy()[columns.numpy()]
-    assert kept.all()
-    assert len(values) == int((dense <= reach.numpy()).sum())
+    # A finite bound keeps exactly the entries within it, from the chunks whose minimum is.
+    within = torch.from_numpy(np.quantile(dense, 0.2, axis=0).astype(np.float32))
+    lower, _, columns, _ = fused.screen(product, terms, start, chunk, minima, infinite, within, EXACT)
+    assert (lower.numpy() <= within.numpy()[columns.numpy()]).all()
+    assert len(lower) == int((dense <= within.numpy()).sum())
+
+    # The least chunk minimum's upper end lowers the bound in place: each query keeps its nearest entry.
+    within = infinite.clone()
+    lower, _, columns, _ = fused.screen(product, terms, start, chunk, minima, minima.amin(0), within, EXACT)
+    np.testing.assert_array_equal(within.numpy(), dense.min(0))
+    assert sorted(set(columns.tolist())) == list(range(23))
+
+
+def test_screen_brackets_each_entry_by_its_tolerance():
+    """Lower and upper ends are (r - offset -+ slack) / (1 +- roundoff); an entry stays while its
+    lower end is within the bound, lowered first to the upper end of ``kth``."""
+    rng = np.random.default_rng(4)
+    terms = random_terms(rng, (9, 7), ((5, 4),), 40)
+    product = torch.from_numpy(rng.normal(size=(63, 23)).astype(np.float32))
+    ranking = reference(product, terms, 0)
+    tolerance = fused.Tolerance(rng.random(23).astype(np.float32), rng.random(23).astype(np.float32) * 0.1, 2.0**-9)
+    minima = fused.chunk_minima(product, terms, 0, 8)
+    kth = minima.topk(2, dim=0, largest=False).values[-1]
+    within = torch.full((23,), np.inf)
+    lower, upper, columns, rows = fused.screen(product, terms, 0, 8, minima, kth, within, tolerance)
+
+    offset, slack, u = tolerance.offset.astype(np.float64), tolerance.slack.astype(np.float64), tolerance.roundoff
+    np.testing.assert_allclose(within.numpy(), (kth.numpy() - offset + slack) / (1 - u), rtol=1e-6)
+    want_lower = (ranking - offset - slack) / (1 + u)
+    kept = want_lower <= within.numpy()
+    assert len(lower) == int(kept.sum())
+    assert kept[rows.numpy(), columns.numpy()].all()
+    np.testing.assert_allclose(lower.numpy(), want_lower[rows.numpy(), columns.numpy()], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upper.numpy(), ((ranking - offset + slack) / (1 - u))[rows.numpy(), columns.numpy()],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_products_are_widened_exactly():
