@@ -56,9 +56,13 @@ class Tolerance:
     ``r - offset`` lies within ``d * (1 +- roundoff) +- slack``. So d is at least
     ``(r - offset - slack) / (1 + roundoff)`` and at most ``(r - offset + slack) / (1 - roundoff)``."""
 
-    offset: np.ndarray  # (P_t,) float32: the query's own interpolation spread, in every ranking distance
-    slack: np.ndarray  # (P_t,) float32 absolute error bound
+    offset: np.ndarray  # (P,) float32: the query's own interpolation spread, in every ranking distance
+    slack: np.ndarray  # (P,) float32 absolute error bound
     roundoff: float  # relative error bound (rounding of a bfloat16 product itself)
+
+    def rows(self, rows: slice) -> "Tolerance":
+        """The tolerance of queries ``rows`` only (views)."""
+        return Tolerance(self.offset[rows], self.slack[rows], self.roundoff)
 
 
 def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: torch.Tensor, kth: torch.Tensor,
@@ -90,12 +94,42 @@ def add_level_distances(queries: np.ndarray, column: int, query_ids: np.ndarray,
     level (h, w, C), g its pixel ``pixels[m]`` of the finest grid (``width`` wide): the level's own pixel
     when ``taps`` is None, else mixed from four (rows first, second, weights; columns likewise), across
     then down in float32, the order of ``F.interpolate``."""
-    if level.dtype == torch.float16:
-        values = level.numpy().view(np.uint16)  # widened in the loop through _HALF
-    else:
-        values = level.float().numpy()
-    _add_level_distances(queries, column, query_ids, pixels, width, values, _HALF, taps is not None,
+    _add_level_distances(queries, column, query_ids, pixels, width, _level_values(level), _HALF, taps is not None,
                          *(_NO_TAPS if taps is None else taps), out)
+
+
+def gallery_rows(levels: list[torch.Tensor], centers: list[torch.Tensor], taps: list[tuple[np.ndarray, ...] | None],
+                 size: tuple[int, int], split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gallery side of a product: (H * W, C + 4) float32 rows ``[x, 1, 1, hi, lo]`` and the (H * W,)
+    squared norms ``hi + lo`` of x, where x is each pixel of the (H, W) grid with the levels (h, w, C_l)
+    stacked, each centred on its ``centers`` entry and mixed from its ``taps`` as in
+    :func:`add_level_distances` (None: read as it is). With ``split``, hi is the norm rounded to
+    bfloat16, so that the row converted to bfloat16 still carries the norm to 16 bits."""
+    channels = sum(level.shape[2] for level in levels)
+    out = np.empty((size[0] * size[1], channels + 4), np.float32)
+    norms = np.zeros(size[0] * size[1], np.float32)
+    column = 0
+    for level, center, level_taps in zip(levels, centers, taps):
+        _centred_rows(_level_values(level), _HALF, center.numpy(), level_taps is not None,
+                      *(_NO_TAPS if level_taps is None else level_taps), size[1], column, out, norms)
+        column += level.shape[2]
+    _norm_columns(norms, split, column, out)
+    return torch.from_numpy(out), torch.from_numpy(norms)
+
+
+def mix_spread(level: torch.Tensor, taps: tuple[np.ndarray, ...], size: tuple[int, int]) -> torch.Tensor:
+    """(H * W,) per pixel of the (H, W) grid, sum_t w_t |b_t|^2 - |sum_t w_t b_t|^2 over its four taps b_t
+    on the (h, w, C) level: how much interpolating squared distances overshoots the distance to the
+    interpolated pixel. Computed as the taps' weighted spread sum_{s<t} w_s w_t |b_s - b_t|^2, from the
+    squared gaps between neighbouring native pixels (no cancellation, and any centring cancels)."""
+    out = np.empty(size[0] * size[1], np.float32)
+    _mix_spread(_level_values(level), _HALF, *taps, size[1], out)
+    return torch.from_numpy(out)
+
+
+def _level_values(level: torch.Tensor) -> np.ndarray:
+    """A level as the loops read it: float16 as its bits (widened through _HALF), else float32."""
+    return level.numpy().view(np.uint16) if level.dtype == torch.float16 else level.float().numpy()
 
 
 # Typed stand-ins for the rows' and columns' taps of a level read as it is (the loop never touches them).
@@ -140,6 +174,14 @@ def _float_from_bits(typingctx, bits):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
     return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_from_float(typingctx, value):
+    """Reinterpret a float32 as its uint32 bits."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
 
 
 def _widen(value):
@@ -191,7 +233,8 @@ def _chunk_minima(product, coarse, start, taps, weights, spread, chunk, minima):
 
 @_compiled(**_FLAGS)
 def _screen(product, coarse, start, taps, weights, spread, chunk, minima, kth, within, offset, slack, roundoff):
-    """Lower ``within``, then one scan for the chunks that pass, and their entries one by one."""
+    """Lower ``within``, then scan the chunk minima for those that pass (about one chunk per query, so
+    64 queries at a time are first counted), and form their entries one by one."""
     count = minima.shape[1]
     grow, shrink = np.float32(1) + roundoff, np.float32(1) - roundoff
     reach = np.empty(count, np.float32)
@@ -203,9 +246,20 @@ def _screen(product, coarse, start, taps, weights, spread, chunk, minima, kth, w
                     + np.float32(1e-6) * (abs(within[p]) * grow + abs(offset[p]) + slack[p]))
     flat = np.empty(minima.size, np.int64)  # only the passing part is ever touched
     passed = 0
+    blocks = count - count % 64
     for c in range(minima.shape[0]):
-        for p in range(count):
-            if minima[c, p] <= reach[p]:
+        row = minima[c]
+        for first in range(0, blocks, 64):
+            hits = np.int32(0)  # a fixed-length count: one vector comparison per 16 queries
+            for j in range(64):
+                hits += np.int32(row[first + j] <= reach[first + j])
+            if hits:
+                for p in range(first, first + 64):
+                    if row[p] <= reach[p]:
+                        flat[passed] = c * count + p
+                        passed += 1
+        for p in range(blocks, count):
+            if row[p] <= reach[p]:
                 flat[passed] = c * count + p
                 passed += 1
     lower, upper = np.empty(passed * chunk, np.float32), np.empty(passed * chunk, np.float32)
@@ -245,6 +299,14 @@ def _value_typed(value, half):
     return lambda value, half: value
 
 
+@_compiled(inline="always", **_FLAGS)
+def _mixed(level, half, r0, r1, c0, c1, a0, a1, b0, b1, c):
+    """Channel c of a pixel mixed from four taps, across then down in float32 (``F.interpolate``'s order)."""
+    top = b0 * _value(level[r0, c0, c], half) + b1 * _value(level[r0, c1, c], half)
+    bottom = b0 * _value(level[r1, c0, c], half) + b1 * _value(level[r1, c1, c], half)
+    return a0 * top + a1 * bottom
+
+
 @_compiled(**_FLAGS)
 def _add_level_distances(queries, column, query_ids, pixels, width, level, half, interpolate, first_y, second_y,
                          weight_first_y, weight_second_y, first_x, second_x, weight_first_x, weight_second_x, out):
@@ -257,15 +319,82 @@ def _add_level_distances(queries, column, query_ids, pixels, width, level, half,
             r0, r1, c0, c1 = first_y[y], second_y[y], first_x[x], second_x[x]
             a0, a1, b0, b1 = weight_first_y[y], weight_second_y[y], weight_first_x[x], weight_second_x[x]
             for c in range(channels):
-                top = b0 * _value(level[r0, c0, c], half) + b1 * _value(level[r0, c1, c], half)
-                bottom = b0 * _value(level[r1, c0, c], half) + b1 * _value(level[r1, c1, c], half)
-                gap = q[column + c] - (a0 * top + a1 * bottom)
+                gap = q[column + c] - _mixed(level, half, r0, r1, c0, c1, a0, a1, b0, b1, c)
                 total += gap * gap
         else:
             for c in range(channels):
                 gap = q[column + c] - _value(level[y, x, c], half)
                 total += gap * gap
         out[m] += total
+
+
+@_compiled(**_FLAGS)
+def _centred_rows(level, half, center, interpolate, first_y, second_y, weight_first_y, weight_second_y, first_x,
+                  second_x, weight_first_x, weight_second_x, width, column, out, norms):
+    channels = level.shape[2]
+    for m in range(out.shape[0]):
+        y, x = m // width, m % width
+        total = np.float32(0)
+        if interpolate:
+            r0, r1, c0, c1 = first_y[y], second_y[y], first_x[x], second_x[x]
+            a0, a1, b0, b1 = weight_first_y[y], weight_second_y[y], weight_first_x[x], weight_second_x[x]
+            for c in range(channels):
+                value = _mixed(level, half, r0, r1, c0, c1, a0, a1, b0, b1, c) - center[c]
+                out[m, column + c] = value
+                total += value * value
+        else:
+            for c in range(channels):
+                value = _value(level[y, x, c], half) - center[c]
+                out[m, column + c] = value
+                total += value * value
+        norms[m] += total
+
+
+@_compiled(**_FLAGS)
+def _norm_columns(norms, split, column, out):
+    for m in range(out.shape[0]):
+        hi = _round_bfloat16(norms[m]) if split else norms[m]
+        out[m, column], out[m, column + 1], out[m, column + 2], out[m, column + 3] = 1, 1, hi, norms[m] - hi
+
+
+@_compiled(inline="always", **_FLAGS)
+def _round_bfloat16(value):
+    """A float32 rounded to the nearest bfloat16 (ties to even), as float32."""
+    bits = _bits_from_float(value)
+    return _float_from_bits((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+                            & np.uint32(0xFFFF0000))
+
+
+@_compiled(**_FLAGS)
+def _mix_spread(level, half, first_y, second_y, weight_first_y, weight_second_y, first_x, second_x, weight_first_x,
+                weight_second_x, width, out):
+    h, w, channels = level.shape
+    # Squared gaps from each native pixel to its right, lower, lower-right neighbours, and from its
+    # right neighbour to its lower one (entries past the border are never weighted).
+    across, down = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+    diagonal, anti = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+    for y in range(h):
+        for x in range(w):
+            for c in range(channels):
+                here = _value(level[y, x, c], half)
+                if x + 1 < w:
+                    gap = here - _value(level[y, x + 1, c], half)
+                    across[y, x] += gap * gap
+                if y + 1 < h:
+                    gap = here - _value(level[y + 1, x, c], half)
+                    down[y, x] += gap * gap
+                if x + 1 < w and y + 1 < h:
+                    gap = here - _value(level[y + 1, x + 1, c], half)
+                    diagonal[y, x] += gap * gap
+                    gap = _value(level[y, x + 1, c], half) - _value(level[y + 1, x, c], half)
+                    anti[y, x] += gap * gap
+    for m in range(out.shape[0]):
+        y, x = m // width, m % width
+        r0, r1, c0, c1 = first_y[y], second_y[y], first_x[x], second_x[x]
+        a0, a1, b0, b1 = weight_first_y[y], weight_second_y[y], weight_first_x[x], weight_second_x[x]
+        out[m] = (b0 * b1 * (a0 * a0 * across[r0, c0] + a1 * a1 * across[r1, c0])
+                  + a0 * a1 * (b0 * b0 * down[r0, c0] + b1 * b1 * down[r0, c1])
+                  + a0 * a1 * b0 * b1 * (diagonal[r0, c0] + anti[r0, c0]))
 
 
 @_compiled(**_FLAGS)

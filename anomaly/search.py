@@ -18,7 +18,7 @@ Two searches serve SPADE:
     14 x 14, efficientnet_lite0's 112 at 14 x 14) are multiplied at native resolution on
     both sides, in float32. An upsampled pixel is a bilinear mix of four native ones, so
     its squared distances are the same mix of theirs less the mix's own spread
-    (:func:`_mix_spread`); interpolating native products costs a small fraction of
+    (:func:`anomaly.fused.mix_spread`); interpolating native products costs a small fraction of
     multiplying upsampled pixels (1/256 at level 3). Thin levels are upsampled and
     multiplied on the finest grid.
   - The finest-grid product, the interpolated native products and the spreads meet in
@@ -166,8 +166,9 @@ def _search(
     offset = 0
     for image in images:
         gallery = plan.gallery(image)
+        tolerance = plan.tolerance(gallery)
         for rows, candidates in zip(tiles, found):
-            candidates.offer(plan.distances(gallery, rows), offset, plan.tolerance(gallery, rows))
+            candidates.offer(plan.distances(gallery, rows), offset, tolerance.rows(rows))
         offset += gallery.pixels
     pairs = [candidates.final() for candidates in found]
     query_ids = torch.cat([ids + rows.start for rows, (ids, _) in zip(tiles, pairs)])
@@ -389,21 +390,17 @@ class _Plan:
         # query's mean pixel shrinks the norms, and with them the products' rounding errors.
         self.centers = [part.reshape(-1, part.shape[-1]).mean(0) for part in query]
         centred = [part - center for part, center in zip(query, self.centers)]
-        direct = self._direct(centred, self.size)
-        self.direct = _operand(direct, dtype, query=True)
-        self.factored = [(_operand(part.reshape(-1, part.shape[-1]), torch.float32, query=True), tuple(part.shape[:2]))
+        direct = torch.cat([_upsample(part, self.size) for part, native in zip(centred, self.native) if not native], 1)
+        self.direct = _query_operand(direct, dtype)
+        self.factored = [(_query_operand(part.reshape(-1, part.shape[-1]), torch.float32), tuple(part.shape[:2]))
                          for part, native in zip(centred, self.native) if native]
         # The native levels' products, interpolated over the query grid, are written here for
         # each gallery image in turn (a fresh block would cost a page fault per 4 KiB).
         self._coarse: torch.Tensor | None = None
         # What tolerance() needs from the query side.
         self._direct_norms = direct.pow(2).sum(1).sqrt()
-        self._spread = sum((_mix_spread(part, _axis(part.shape[0], self.size[0]), _axis(part.shape[1], self.size[1]))
-                            for part, native in zip(centred, self.native) if native), torch.zeros(len(direct)))
-
-    def _direct(self, levels: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """(H * W, C_direct): the levels multiplied on the finest grid, upsampled and stacked."""
-        return torch.cat([_upsample(part, size) for part, native in zip(levels, self.native) if not native], 1)
+        self._spread = sum((fused.mix_spread(part, _level_taps(tuple(part.shape[:2]), self.size), self.size)
+                            for part, native in zip(query, self.native) if native), torch.zeros(len(direct)))
 
     def gallery(self, levels: list[torch.Tensor]) -> _GalleryImage:
         """The gallery side of one image. Its terms share one buffer with the previous image's:
@@ -412,38 +409,39 @@ class _Plan:
             raise ValueError(f"query levels have {self.channels} channels, gallery levels "
                              f"{[level.shape[-1] for level in levels]}")
         size = tuple(levels[0].shape[:2])
-        centred = [torch.sub(level, center) for level, center in zip(levels, self.centers)]  # float32
-        natives = [part for part, native in zip(centred, self.native) if native]
-        grids = tuple(tuple(part.shape[:2]) for part in natives)
+        natives = [(level, center) for level, center, native in zip(levels, self.centers, self.native) if native]
+        grids = tuple(tuple(level.shape[:2]) for level, _ in natives)
         rows = sum(h * w for h, w in grids)
         if self._coarse is None or self._coarse.shape[0] != rows:
             self._coarse = torch.empty(rows, len(self.queries))
         spread, row = torch.zeros(size[0] * size[1]), 0
-        for part, (operand, query_grid), grid in zip(natives, self.factored, grids):
-            spread += _mix_spread(part, _axis(grid[0], size[0]), _axis(grid[1], size[1]))
-            native = _matmul(_operand(part.reshape(-1, part.shape[-1]), torch.float32, query=False), operand)
+        for (level, center), (operand, query_grid), grid in zip(natives, self.factored, grids):
+            spread += fused.mix_spread(level, _level_taps(grid, size), size)
+            native = _matmul(fused.gallery_rows([level], [center], [None], grid, split=False)[0], operand)
             _interpolate(native, query_grid, self.size, out=self._coarse[row : row + len(native)])
             row += len(native)
         taps, weights = _gallery_taps(grids, size)
         terms = fused.Terms(self._coarse.numpy(), taps, weights, spread.numpy())
-        stacked = self._direct(centred, size)
-        norms = stacked.pow(2).sum(1)
-        direct = _operand(stacked, self.dtype, query=False, norms=norms)
+        direct = [(level, center) for level, center, native in zip(levels, self.centers, self.native) if not native]
+        stacked, norms = fused.gallery_rows(
+            [level for level, _ in direct], [center for _, center in direct],
+            [None if level.shape[:2] == size else _level_taps(tuple(level.shape[:2]), size) for level, _ in direct],
+            size, split=self.dtype == torch.bfloat16)
         longest = float(norms.max().sqrt()) if self.dtype == torch.bfloat16 else 0.0
-        return _GalleryImage(direct, terms, size, longest)
+        return _GalleryImage(stacked.to(self.dtype), terms, size, longest)
 
-    def tolerance(self, gallery: _GalleryImage, rows: slice) -> fused.Tolerance:
-        """How far the ranking distances of query rows ``rows`` to ``gallery`` can be from the exact
-        ones, beyond float32 rounding (the float32 ranking is trusted as the reference is).
+    def tolerance(self, gallery: _GalleryImage) -> fused.Tolerance:
+        """How far the ranking distances to ``gallery`` can be from the exact ones, beyond float32
+        rounding (the float32 ranking is trusted as the reference is).
 
         Rounding each operand entry to bfloat16 (relative u) moves -2 q.g by at most
         2 (2u + u^2) |q| |g| (Cauchy-Schwarz) and the hi/lo norm columns by u^2 (|q|^2 + |g|^2);
         rounding the product itself, a distance, adds u of it.
         """
-        spread = self._spread[rows].numpy()
+        spread = self._spread.numpy()
         if self.dtype == torch.float32:
             return fused.Tolerance(spread, np.zeros_like(spread), 0.0)
-        u, q, g = BF16_ROUNDOFF, self._direct_norms[rows], gallery.longest
+        u, q, g = BF16_ROUNDOFF, self._direct_norms, gallery.longest
         operands = 2 * (2 * u + u * u) * q * g + u * u * (q.pow(2) + g * g)
         return fused.Tolerance(spread, (operands * (1 + u)).numpy(), u)
 
@@ -472,38 +470,11 @@ def _onednn_float32() -> bool:
         return False
 
 
-def _operand(x: torch.Tensor, dtype: torch.dtype, query: bool, norms: torch.Tensor | None = None) -> torch.Tensor:
-    """``[-2 x, |x|^2 hi, lo, 1, 1]`` for queries, ``[x, 1, 1, |x|^2 hi, lo]`` for the gallery.
-
-    A query row times a gallery row is then |q|^2 + |g|^2 - 2 q.g: the squared distance itself
-    comes out of the product, with the norms kept to twice the precision of ``dtype``.
-    """
-    norms = x.pow(2).sum(1) if norms is None else norms
+def _query_operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[-2 x, |x|^2 hi, lo, 1, 1]``: times a gallery row ``[g, 1, 1, |g|^2 hi, lo]``
+    (:func:`anomaly.fused.gallery_rows`) it is |q|^2 + |g|^2 - 2 q.g, so the squared distance itself
+    comes out of the product, with the norms kept to twice the precision of ``dtype``."""
+    norms = x.pow(2).sum(1)
     hi = norms.to(dtype)
     halves = torch.stack([hi, (norms - hi.float()).to(dtype)], 1)
-    ones = torch.ones(len(x), 2, dtype=dtype)
-    return torch.cat([(-2.0 * x).to(dtype), halves, ones] if query else [x.to(dtype), ones, halves], 1)
-
-
-def _mix_spread(level: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
-    """Per upsampled pixel, sum_t w_t |b_t|^2 - |sum_t w_t b_t|^2 over its four native taps b_t.
-
-    That is the taps' weighted spread sum_{s<t} w_s w_t |b_s - b_t|^2, so it only needs the
-    squared distances between neighbouring native pixels: four maps over the (h, w, C) level
-    (entries past the border are never weighted).
-    """
-    def gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(level.shape[:2])
-        out[: a.shape[0], : a.shape[1]] = (a - b).pow(2).sum(-1)
-        return out
-
-    b = level
-    across, down = gap(b[:, :-1], b[:, 1:]), gap(b[:-1], b[1:])
-    diagonal, anti = gap(b[:-1, :-1], b[1:, 1:]), gap(b[:-1, 1:], b[1:, :-1])
-    y0, y1 = rows.first[:, None], rows.second[:, None]
-    wy0, wy1 = rows.weight_first[:, None], rows.weight_second[:, None]
-    x0, x1, wx0, wx1 = cols.first[None], cols.second[None], cols.weight_first[None], cols.weight_second[None]
-    spread = wx0 * wx1 * (wy0 * wy0 * across[y0, x0] + wy1 * wy1 * across[y1, x0])
-    spread += wy0 * wy1 * (wx0 * wx0 * down[y0, x0] + wx1 * wx1 * down[y0, x1])
-    spread += wy0 * wy1 * wx0 * wx1 * (diagonal[y0, x0] + anti[y0, x0])
-    return spread.reshape(-1)
+    return torch.cat([(-2.0 * x).to(dtype), halves, torch.ones(len(x), 2, dtype=dtype)], 1)

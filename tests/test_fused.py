@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from anomaly import fused, search
+from anomaly.features import stack_pyramid
 
 
 def random_terms(rng, size: tuple[int, int], grids: tuple[tuple[int, int], ...], queries: int) -> fused.Terms:
@@ -101,6 +102,40 @@ def test_bfloat16_products_are_widened_exactly():
     terms = fused.Terms(np.zeros((0, 8), np.float32), np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32),
                         np.zeros(1, np.float32))
     np.testing.assert_array_equal(fused.chunk_minima(values, terms, 0, 8).numpy(), values.float().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split", [False, True])
+def test_gallery_rows_are_the_centred_stacked_pixels_and_their_norms(dtype, split):
+    """Rows [x, 1, 1, hi, lo] against float64 numpy on stack_pyramid's pixels (the coarse level is mixed
+    from its taps, the finest read as it is); hi + lo is the squared norm, hi its bfloat16 rounding."""
+    rng = np.random.default_rng(6)
+    size = (9, 7)
+    levels = [torch.from_numpy(rng.normal(size=(c, h, w)).astype(np.float32)).to(dtype)
+              for c, (h, w) in [(3, size), (5, (4, 3))]]
+    centers = [torch.from_numpy(rng.normal(size=level.shape[0]).astype(np.float32)) for level in levels]
+    taps = [None, search._level_taps((4, 3), size)]
+    rows, norms = fused.gallery_rows([level.permute(1, 2, 0).contiguous() for level in levels], centers, taps, size,
+                                     split)
+
+    stacked = stack_pyramid([level[None].double() for level in levels])[0].reshape(8, -1).T.numpy()
+    want = stacked - torch.cat(centers).double().numpy()
+    np.testing.assert_allclose(rows[:, :8].numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norms.numpy(), (want**2).sum(1), rtol=1e-5)
+    np.testing.assert_array_equal(rows[:, 8:10].numpy(), 1.0)
+    hi, lo = rows[:, 10], rows[:, 11]
+    np.testing.assert_array_equal((hi + lo).numpy(), norms.numpy())
+    np.testing.assert_array_equal(hi.numpy(), norms.to(torch.bfloat16).float().numpy() if split else norms.numpy())
+
+
+def test_norms_split_at_bfloat16_ties_round_to_even():
+    """Squared norms exactly halfway between two bfloat16 values: 1 + 2^-8 rounds down to 1, and
+    1 + 3 * 2^-8 up to 1 + 2^-6, as torch rounds them."""
+    pixels = torch.tensor([[[1.0, 2**-4, 0.0, 0.0], [1.0, 2**-4, 2**-4, 2**-4]]])  # (1, 2, 4)
+    rows, norms = fused.gallery_rows([pixels], [torch.zeros(4)], [None], (1, 2), split=True)
+    np.testing.assert_array_equal(norms.numpy(), [1 + 2**-8, 1 + 3 * 2**-8])
+    np.testing.assert_array_equal(rows[:, 6].numpy(), [1.0, 1 + 2**-6])
+    np.testing.assert_array_equal(rows[:, 6].numpy(), norms.to(torch.bfloat16).float().numpy())
 
 
 @pytest.mark.parametrize("grid, size", [((7, 7), (28, 28)), ((5, 3), (17, 11)), ((14, 14), (56, 56))])

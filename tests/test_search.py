@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomaly import search
+from anomaly import fused, search
 from anomaly.features import stack_pyramid
 
 
@@ -127,15 +127,16 @@ def test_ties_return_the_tied_distance():
     np.testing.assert_array_equal(got.numpy(), np.ones((5, 3), np.float32))
 
 
-def test_mix_spread_is_what_interpolating_squared_distances_adds():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mix_spread_is_what_interpolating_squared_distances_adds(dtype):
     rng = np.random.default_rng(4)
-    level = torch.from_numpy(rng.normal(size=(5, 7, 6)).astype(np.float32))
+    level = torch.from_numpy(rng.normal(size=(5, 7, 6)).astype(np.float32)).to(dtype)
     for size in [(28, 24), (10, 9), (7, 6)]:
-        rows, cols = search._axis(7, size[0]), search._axis(6, size[1])
-        up = F.interpolate(level[None], size=size, mode="bilinear", align_corners=False)[0]
-        mean_sq = F.interpolate(level.pow(2).sum(0)[None, None], size=size, mode="bilinear", align_corners=False)
+        up = F.interpolate(level[None].double(), size=size, mode="bilinear", align_corners=False)[0]
+        mean_sq = F.interpolate(level.double().pow(2).sum(0)[None, None], size=size, mode="bilinear",
+                                align_corners=False)
         want = (mean_sq[0, 0] - up.pow(2).sum(0)).reshape(-1)
-        got = search._mix_spread(level.permute(1, 2, 0), rows, cols)
+        got = fused.mix_spread(level.permute(1, 2, 0).contiguous(), search._level_taps((7, 6), size), size)
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
 
 
