@@ -65,19 +65,19 @@ class Tolerance:
         return Tolerance(self.offset[rows], self.slack[rows], self.roundoff)
 
 
-def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: torch.Tensor, kth: torch.Tensor,
-           within: torch.Tensor, tolerance: Tolerance) -> tuple[torch.Tensor, ...]:
+def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: torch.Tensor,
+           kth: torch.Tensor | None, within: torch.Tensor, tolerance: Tolerance) -> tuple[torch.Tensor, ...]:
     """The entries that may still be among their query's nearest, from the chunks of
     :func:`chunk_minima`; the same sums, term by term in the same order.
 
     ``within`` (P_t,) float32, each query's bound on its kappa-th nearest exact distance, is first
-    lowered in place to the upper end of ``kth`` (the kappa-th smallest chunk minimum, or +inf).
-    Returns (lower ends, upper ends, query columns, gallery rows) of the entries whose lower end is
-    within it.
+    lowered in place to the upper end of ``kth``: the kappa-th smallest chunk minimum (+inf where
+    there are fewer), or None for the smallest, found here (kappa = 1). Returns (lower ends, upper
+    ends, query columns, gallery rows) of the entries whose lower end is within it.
     """
     found = _screen(_as_numpy(product), terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk,
-                    minima.numpy(), kth.numpy(), within.numpy(), tolerance.offset, tolerance.slack,
-                    np.float32(tolerance.roundoff))
+                    minima.numpy(), _SMALLEST if kth is None else kth.numpy(), within.numpy(), tolerance.offset,
+                    tolerance.slack, np.float32(tolerance.roundoff))
     return tuple(torch.from_numpy(array) for array in found)
 
 
@@ -132,6 +132,9 @@ def _level_values(level: torch.Tensor) -> np.ndarray:
     return level.numpy().view(np.uint16) if level.dtype == torch.float16 else level.float().numpy()
 
 
+# Passed to _screen for ``kth`` to mean: the smallest chunk minimum (a column reduction there costs less
+# than calling torch for it, at about 200 blocks per image).
+_SMALLEST = np.empty(0, np.float32)
 # Typed stand-ins for the rows' and columns' taps of a level read as it is (the loop never touches them).
 _NO_TAPS = ((np.zeros(1, np.int64),) * 2 + (np.zeros(1, np.float32),) * 2) * 2
 
@@ -236,6 +239,11 @@ def _screen(product, coarse, start, taps, weights, spread, chunk, minima, kth, w
     """Lower ``within``, then scan the chunk minima for those that pass (about one chunk per query, so
     64 queries at a time are first counted), and form their entries one by one."""
     count = minima.shape[1]
+    if kth.shape[0] == 0:  # _SMALLEST
+        kth = minima[0].copy()
+        for c in range(1, minima.shape[0]):
+            for p in range(count):
+                kth[p] = min(kth[p], minima[c, p])
     grow, shrink = np.float32(1) + roundoff, np.float32(1) - roundoff
     reach = np.empty(count, np.float32)
     for p in range(count):

@@ -198,7 +198,7 @@ class _Candidates:
         minima = block.chunk_minima()
         # The kappa-th smallest entry of a block is at most its kappa-th smallest chunk minimum.
         if self.kappa == 1:
-            kth = minima.amin(0)
+            kth = None  # the smallest, found by the screen itself
         elif len(minima) >= self.kappa:
             kth = minima.topk(self.kappa, dim=0, largest=False).values[-1]
         else:
@@ -365,7 +365,7 @@ class _Block:
     def chunk_minima(self) -> torch.Tensor:
         return fused.chunk_minima(self.product, self.terms, self.start, CHUNK)
 
-    def screen(self, minima: torch.Tensor, kth: torch.Tensor, within: torch.Tensor,
+    def screen(self, minima: torch.Tensor, kth: torch.Tensor | None, within: torch.Tensor,
                tolerance: fused.Tolerance) -> tuple[torch.Tensor, ...]:
         """:func:`anomaly.fused.screen` on this block."""
         return fused.screen(self.product, self.terms, self.start, CHUNK, minima, kth, within, tolerance)

@@ -67,10 +67,12 @@ def test_chunk_minima_and_screened_entries_match_numpy(dtype, grids, threads, mo
     assert len(lower) == int((dense <= within.numpy()).sum())
 
     # The least chunk minimum's upper end lowers the bound in place: each query keeps its nearest entry.
-    within = infinite.clone()
-    lower, _, columns, _ = fused.screen(product, terms, start, chunk, minima, minima.amin(0), within, EXACT)
-    np.testing.assert_array_equal(within.numpy(), dense.min(0))
-    assert sorted(set(columns.tolist())) == list(range(23))
+    # None finds that minimum in the screen itself.
+    for kth in (minima.amin(0), None):
+        within = infinite.clone()
+        lower, _, columns, _ = fused.screen(product, terms, start, chunk, minima, kth, within, EXACT)
+        np.testing.assert_array_equal(within.numpy(), dense.min(0))
+        assert sorted(set(columns.tolist())) == list(range(23))
 
 
 def test_screen_brackets_each_entry_by_its_tolerance():
