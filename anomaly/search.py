@@ -28,11 +28,12 @@ Two searches serve SPADE:
     the entries of the chunks that pass are formed again.
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
     float32 from the bank's values: returned scores are exact distances to real gallery
-    pixels. Each ranking distance brackets the exact one within a proven bound on its
-    rounding (:meth:`_Plan.tolerance`), and every pixel whose bracket reaches below the
-    kappa-th best upper end is kept. So bfloat16 ranking, which rounds a distance by up to
-    a few percent of the pixels' norms, still returns the float32 answer; it only costs
-    a few more candidates per query.
+    pixels. Each ranking distance brackets the exact one within a bound on its rounding
+    (:meth:`_Plan.tolerance`: float32's, and bfloat16's on top), and every pixel whose
+    bracket reaches below the kappa-th best upper end is kept. So float32 ranking, whose
+    |q|^2 + |g|^2 - 2 q.g rounds at the scale of the norms, and bfloat16 ranking, which
+    rounds a distance by up to a few percent of the pixels' norms, both return the nearest
+    pixels' exact distances; the bounds only cost a few more candidates per query.
 
 All distances are *squared* Euclidean, as in the paper's equations.
 """
@@ -64,8 +65,9 @@ GALLERY_TILE = 4096
 # At most this many candidates per query go to the exact recompute. Only exact ties (a
 # uniform image, duplicated normals) come near it; the cap then keeps the best-ranked ones.
 MAX_CANDIDATES = 256
-# Unit roundoff of bfloat16 (8 significant bits).
+# Unit roundoff of bfloat16 (8 significant bits) and float32 (24).
 BF16_ROUNDOFF = 2.0**-9
+FP32_ROUNDOFF = 2.0**-24
 # Coarse levels with at least this many channels are multiplied at native resolution (see
 # _Plan); for thinner ones, upsampling and multiplying on the finest grid is cheaper. The
 # break-even follows the speed of the finest-grid product (bfloat16 is 2-4x faster):
@@ -345,7 +347,8 @@ class _GalleryImage:
     direct: torch.Tensor  # (H * W, C_direct + 4) operand of the finest-grid product
     terms: fused.Terms  # what the native levels add to that product, less the interpolation spread
     size: tuple[int, int]  # finest grid (H, W)
-    longest: float  # largest norm of a centred direct row (bfloat16 error bounds)
+    longest: float  # bound on the norm of a centred pixel, all levels (float32 error bounds)
+    longest_direct: float  # largest norm of a centred direct row (bfloat16 error bounds)
 
     @property
     def pixels(self) -> int:
@@ -397,8 +400,14 @@ class _Plan:
         # The native levels' products, interpolated over the query grid, are written here for
         # each gallery image in turn (a fresh block would cost a page fault per 4 KiB).
         self._coarse: torch.Tensor | None = None
-        # What tolerance() needs from the query side.
-        self._direct_norms = direct.pow(2).sum(1).sqrt()
+        # What tolerance() needs from the query side: norms of the direct rows, and a bound on the
+        # whole pixel's (a native level's largest pixel stands for the taps it is mixed from).
+        direct_squares = direct.pow(2).sum(1)
+        self._direct_norms = direct_squares.sqrt()
+        self._norms = (direct_squares + sum(float(part.pow(2).sum(-1).max()) for part, native
+                                            in zip(centred, self.native) if native)).sqrt()
+        # The longest inner dimension of a float32 (or float32-accumulated) product.
+        self._inner = 4 + max([direct.shape[1]] + [c for c, native in zip(self.channels, self.native) if native])
         self._spread = sum((fused.mix_spread(part, _level_taps(tuple(part.shape[:2]), self.size), self.size)
                             for part, native in zip(query, self.native) if native), torch.zeros(len(direct)))
 
@@ -414,12 +423,14 @@ class _Plan:
         rows = sum(h * w for h, w in grids)
         if self._coarse is None or self._coarse.shape[0] != rows:
             self._coarse = torch.empty(rows, len(self.queries))
-        spread, row = torch.zeros(size[0] * size[1]), 0
+        spread, row, native_squares = torch.zeros(size[0] * size[1]), 0, 0.0
         for (level, center), (operand, query_grid), grid in zip(natives, self.factored, grids):
             spread += fused.mix_spread(level, _level_taps(grid, size), size)
-            native = _matmul(fused.gallery_rows([level], [center], [None], grid, split=False)[0], operand)
+            operand_rows, squares = fused.gallery_rows([level], [center], [None], grid, split=False)
+            native = _matmul(operand_rows, operand)
             _interpolate(native, query_grid, self.size, out=self._coarse[row : row + len(native)])
             row += len(native)
+            native_squares += float(squares.max())
         taps, weights = _gallery_taps(grids, size)
         terms = fused.Terms(self._coarse.numpy(), taps, weights, spread.numpy())
         direct = [(level, center) for level, center, native in zip(levels, self.centers, self.native) if not native]
@@ -427,23 +438,30 @@ class _Plan:
             [level for level, _ in direct], [center for _, center in direct],
             [None if level.shape[:2] == size else _level_taps(tuple(level.shape[:2]), size) for level, _ in direct],
             size, split=self.dtype == torch.bfloat16)
-        longest = float(norms.max().sqrt()) if self.dtype == torch.bfloat16 else 0.0
-        return _GalleryImage(stacked.to(self.dtype), terms, size, longest)
+        direct_squares = float(norms.max())
+        return _GalleryImage(stacked.to(self.dtype), terms, size, (direct_squares + native_squares) ** 0.5,
+                             direct_squares**0.5)
 
     def tolerance(self, gallery: _GalleryImage) -> fused.Tolerance:
-        """How far the ranking distances to ``gallery`` can be from the exact ones, beyond float32
-        rounding (the float32 ranking is trusted as the reference is).
+        """How far the ranking distances to ``gallery`` can be from the exact ones.
 
-        Rounding each operand entry to bfloat16 (relative u) moves -2 q.g by at most
-        2 (2u + u^2) |q| |g| (Cauchy-Schwarz) and the hi/lo norm columns by u^2 (|q|^2 + |g|^2);
-        rounding the product itself, a distance, adds u of it.
+        Float32 rounding, in every product: a sum of K products x_i y_i is off by at most about
+        K u sum |x_i y_i| (u = 2^-24), and with the norm columns that sum is at most (|q| + |g|)^2.
+        The interpolation and the sums of levels that follow add a few more units of the same
+        size (16 are allowed). Without this, pixels far from the query's mean lose neighbours
+        closer than float32 resolves at their norms.
+
+        bfloat16 ranking adds its own: rounding each operand entry (relative u = 2^-9) moves
+        -2 q.g by at most 2 (2u + u^2) |q| |g| (Cauchy-Schwarz) and the hi/lo norm columns by
+        u^2 (|q|^2 + |g|^2); rounding the product itself, a distance, adds u of it.
         """
         spread = self._spread.numpy()
+        slack = (self._inner + 16) * FP32_ROUNDOFF * (self._norms + gallery.longest).pow(2)
         if self.dtype == torch.float32:
-            return fused.Tolerance(spread, np.zeros_like(spread), 0.0)
-        u, q, g = BF16_ROUNDOFF, self._direct_norms, gallery.longest
+            return fused.Tolerance(spread, slack.numpy(), 0.0)
+        u, q, g = BF16_ROUNDOFF, self._direct_norms, gallery.longest_direct
         operands = 2 * (2 * u + u * u) * q * g + u * u * (q.pow(2) + g * g)
-        return fused.Tolerance(spread, (operands * (1 + u)).numpy(), u)
+        return fused.Tolerance(spread, ((operands + slack) * (1 + u)).numpy(), u)
 
     def distances(self, gallery: _GalleryImage, rows: slice) -> _Block:
         """The ranking distances of query rows ``rows``: each is the squared distance, plus the

@@ -119,6 +119,22 @@ def test_bf16_ranking_still_finds_neighbours_closer_than_its_rounding(kappa):
     assert_matches(got, want)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ranking_finds_neighbours_closer_than_float32_resolves_far_from_the_centre(precision):
+    """Queries far from their mean (norms about 1,000 after centring) with neighbours at distances
+    1 + i * 1e-3: a float32 ranking distance |q|^2 + |g|^2 - 2 q.g rounds by more than those gaps
+    (ulp(1e6) = 0.06), so its error bound must keep them all for the exact recompute to pick the nearest."""
+    rng = np.random.default_rng(8)
+    queries = rng.normal(size=(40, 32)).astype(np.float32) * 10
+    queries[:, 0] += np.where(np.arange(40) % 2, 1000.0, -1000.0)
+    offsets = rng.normal(size=(40, 25, 32))
+    offsets *= np.sqrt(1 + np.arange(25)[None, :, None] * 1e-3) / np.linalg.norm(offsets, axis=-1, keepdims=True)
+    gallery = (queries[:, None] + offsets).astype(np.float32).reshape(-1, 32)[rng.permutation(40 * 25)]
+    want = brute_force(queries, gallery, 1)
+    got = search.pixel_knn(torch.from_numpy(queries), torch.from_numpy(gallery), kappa=1, precision=precision)
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-4)
+
+
 def test_ties_return_the_tied_distance():
     """Many gallery rows at exactly the same distance: any of them is a correct neighbour."""
     gallery = np.zeros((200, 3), np.float32)
