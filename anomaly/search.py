@@ -105,7 +105,7 @@ def bf16_supported() -> bool:
 def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     """The ranking precision a setting means. "auto" is bfloat16 where the CPU multiplies it natively
     (about twice the float32 speed), float32 elsewhere. Either way the search returns the float32
-    answer: bfloat16 only ranks, within proven error bounds (see the module docstring)."""
+    answer: bfloat16 only ranks, within bounds on its rounding (see the module docstring)."""
     if precision == "auto":
         return "bf16" if bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
@@ -445,11 +445,16 @@ class _Plan:
     def tolerance(self, gallery: _GalleryImage) -> fused.Tolerance:
         """How far the ranking distances to ``gallery`` can be from the exact ones.
 
-        Float32 rounding, in every product: a sum of K products x_i y_i is off by at most about
-        K u sum |x_i y_i| (u = 2^-24), and with the norm columns that sum is at most (|q| + |g|)^2.
-        The interpolation and the sums of levels that follow add a few more units of the same
-        size (16 are allowed). Without this, pixels far from the query's mean lose neighbours
-        closer than float32 resolves at their norms.
+        Float32 rounding: a product's sum of K terms x_i y_i is off by at most K u sum |x_i y_i|
+        (u = 2^-24, the worst case), and with the norm columns that sum is at most (|q| + |g|)^2.
+        16 more units of the same size are a margin for the rest: the gallery pixel's norm and
+        interpolation spread, and the interpolations and sums of levels (what is the same for all
+        of a query's candidates, its own norm and spread, cancels in the comparisons). That margin
+        is not a worst case for wide levels (their norms and spreads are sums of up to 1,024
+        squares), but rounding errors grow like the square root of such counts in practice, and
+        the worst case (about 8 K units) let 20-50 candidates per query through on wide_resnet50_2
+        instead of 3. Without any of this, pixels far from the query's mean lose neighbours closer
+        than float32 resolves at their norms.
 
         bfloat16 ranking adds its own: rounding each operand entry (relative u = 2^-9) moves
         -2 q.g by at most 2 (2u + u^2) |q| |g| (Cauchy-Schwarz) and the hi/lo norm columns by

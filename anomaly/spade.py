@@ -68,7 +68,7 @@ class SPADE:
     precision:
         Pixel search ranking precision: ``"auto"`` (bfloat16 where the CPU has it natively,
         else float32; see search.resolve_precision), ``"fp32"`` or ``"bf16"``. Only the speed
-        differs: bfloat16 ranks within proven error bounds, and the neighbours and distances
+        differs: bfloat16 ranks within bounds on its rounding, and the neighbours and distances
         returned are the exact float32 ones either way.
     calibration_images:
         How many normal images get a leave-one-out pixel map at fit time, to suggest
