@@ -22,6 +22,7 @@ thread pool.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numba
@@ -48,8 +49,7 @@ def chunk_minima(product: torch.Tensor, terms: Terms, start: int, chunk: int) ->
     rows; ``product`` (G, P_t) is bfloat16 or float32, for query columns ``start:start + P_t``."""
     rows, count = product.shape
     minima = np.empty((-(-rows // chunk), count), np.float32)
-    with _LAUNCH:
-        numba.set_num_threads(_threads())
+    with _team():
         _chunk_minima(_as_numpy(product), terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk, minima)
     return torch.from_numpy(minima)
 
@@ -89,7 +89,9 @@ def mix_rows(source: torch.Tensor, first: torch.Tensor, second: torch.Tensor, we
              weight_second: torch.Tensor, out: torch.Tensor) -> None:
     """``out[r, i] = weight_first[i] * source[r, first[i]] + weight_second[i] * source[r, second[i]]``
     for (R, n, W) float32 ``source`` and (R, N, W) ``out``: bilinear upsampling down the middle axis."""
-    _mix_rows(source.numpy(), first.numpy(), second.numpy(), weight_first.numpy(), weight_second.numpy(), out.numpy())
+    with _team():
+        _mix_rows(source.numpy(), first.numpy(), second.numpy(), weight_first.numpy(), weight_second.numpy(),
+                  out.numpy())
 
 
 def add_level_distances(queries: np.ndarray, column: int, query_ids: np.ndarray, pixels: np.ndarray, width: int,
@@ -98,8 +100,9 @@ def add_level_distances(queries: np.ndarray, column: int, query_ids: np.ndarray,
     level (h, w, C), g its pixel ``pixels[m]`` of the finest grid (``width`` wide): the level's own pixel
     when ``taps`` is None, else mixed from four (rows first, second, weights; columns likewise), across
     then down in float32, the order of ``F.interpolate``."""
-    _add_level_distances(queries, column, query_ids, pixels, width, _level_values(level), _HALF, taps is not None,
-                         *(_NO_TAPS if taps is None else taps), out)
+    with _team():
+        _add_level_distances(queries, column, query_ids, pixels, width, _level_values(level), _HALF, taps is not None,
+                             *(_NO_TAPS if taps is None else taps), out)
 
 
 def gallery_rows(levels: list[torch.Tensor], centers: list[torch.Tensor], taps: list[tuple[np.ndarray, ...] | None],
@@ -113,10 +116,11 @@ def gallery_rows(levels: list[torch.Tensor], centers: list[torch.Tensor], taps: 
     out = np.empty((size[0] * size[1], channels + 4), np.float32)
     norms = np.zeros(size[0] * size[1], np.float32)
     column = 0
-    for level, center, level_taps in zip(levels, centers, taps):
-        _centred_rows(_level_values(level), _HALF, center.numpy(), level_taps is not None,
-                      *(_NO_TAPS if level_taps is None else level_taps), size[1], column, out, norms)
-        column += level.shape[2]
+    with _team():
+        for level, center, level_taps in zip(levels, centers, taps):
+            _centred_rows(_level_values(level), _HALF, center.numpy(), level_taps is not None,
+                          *(_NO_TAPS if level_taps is None else level_taps), size[1], column, out, norms)
+            column += level.shape[2]
     _norm_columns(norms, split, column, out)
     return torch.from_numpy(out), torch.from_numpy(norms)
 
@@ -127,7 +131,8 @@ def mix_spread(level: torch.Tensor, taps: tuple[np.ndarray, ...], size: tuple[in
     interpolated pixel. Computed as the taps' weighted spread sum_{s<t} w_s w_t |b_s - b_t|^2, from the
     squared gaps between neighbouring native pixels (no cancellation, and any centring cancels)."""
     out = np.empty(size[0] * size[1], np.float32)
-    _mix_spread(_level_values(level), _HALF, *taps, size[1], out)
+    with _team():
+        _mix_spread(_level_values(level), _HALF, *taps, size[1], out)
     return torch.from_numpy(out)
 
 
@@ -156,6 +161,14 @@ def _as_numpy(product: torch.Tensor) -> np.ndarray:
 # numba falls back to its "workqueue" threads where neither OpenMP nor TBB is installed, and
 # those must not be entered from two Python threads at once (dashboard sessions).
 _LAUNCH = threading.Lock()
+
+
+@contextmanager
+def _team():
+    """Hold numba's thread team for one parallel loop, sized as torch's."""
+    with _LAUNCH:
+        numba.set_num_threads(_threads())
+        yield
 
 
 # Plain IEEE arithmetic (no fast-math): the vectorised minima and the scalar entries must agree
@@ -319,11 +332,11 @@ def _mixed(level, half, r0, r1, c0, c1, a0, a1, b0, b1, c):
     return a0 * top + a1 * bottom
 
 
-@_compiled(**_FLAGS)
+@_compiled(parallel=True, **_FLAGS)
 def _add_level_distances(queries, column, query_ids, pixels, width, level, half, interpolate, first_y, second_y,
                          weight_first_y, weight_second_y, first_x, second_x, weight_first_x, weight_second_x, out):
     channels = level.shape[2]
-    for m in range(pixels.shape[0]):
+    for m in numba.prange(pixels.shape[0]):
         y, x = pixels[m] // width, pixels[m] % width
         q = queries[query_ids[m]]
         total = np.float32(0)
@@ -340,11 +353,11 @@ def _add_level_distances(queries, column, query_ids, pixels, width, level, half,
         out[m] += total
 
 
-@_compiled(**_FLAGS)
+@_compiled(parallel=True, **_FLAGS)
 def _centred_rows(level, half, center, interpolate, first_y, second_y, weight_first_y, weight_second_y, first_x,
                   second_x, weight_first_x, weight_second_x, width, column, out, norms):
     channels = level.shape[2]
-    for m in range(out.shape[0]):
+    for m in numba.prange(out.shape[0]):
         y, x = m // width, m % width
         total = np.float32(0)
         if interpolate:
@@ -377,7 +390,7 @@ def _round_bfloat16(value):
                             & np.uint32(0xFFFF0000))
 
 
-@_compiled(**_FLAGS)
+@_compiled(parallel=True, **_FLAGS)
 def _mix_spread(level, half, first_y, second_y, weight_first_y, weight_second_y, first_x, second_x, weight_first_x,
                 weight_second_x, width, out):
     h, w, channels = level.shape
@@ -385,7 +398,7 @@ def _mix_spread(level, half, first_y, second_y, weight_first_y, weight_second_y,
     # right neighbour to its lower one (entries past the border are never weighted).
     across, down = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
     diagonal, anti = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
-    for y in range(h):
+    for y in numba.prange(h):
         for x in range(w):
             for c in range(channels):
                 here = _value(level[y, x, c], half)
@@ -400,7 +413,7 @@ def _mix_spread(level, half, first_y, second_y, weight_first_y, weight_second_y,
                     diagonal[y, x] += gap * gap
                     gap = _value(level[y, x + 1, c], half) - _value(level[y + 1, x, c], half)
                     anti[y, x] += gap * gap
-    for m in range(out.shape[0]):
+    for m in numba.prange(out.shape[0]):
         y, x = m // width, m % width
         r0, r1, c0, c1 = first_y[y], second_y[y], first_x[x], second_x[x]
         a0, a1, b0, b1 = weight_first_y[y], weight_second_y[y], weight_first_x[x], weight_second_x[x]
@@ -409,9 +422,9 @@ def _mix_spread(level, half, first_y, second_y, weight_first_y, weight_second_y,
                   + a0 * a1 * b0 * b1 * (diagonal[r0, c0] + anti[r0, c0]))
 
 
-@_compiled(**_FLAGS)
+@_compiled(parallel=True, **_FLAGS)
 def _mix_rows(source, first, second, weight_first, weight_second, out):
-    for r in range(source.shape[0]):
+    for r in numba.prange(source.shape[0]):
         for i in range(out.shape[1]):
             a, b = source[r, first[i]], source[r, second[i]]
             wa, wb = weight_first[i], weight_second[i]
