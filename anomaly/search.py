@@ -305,13 +305,13 @@ def _axis(n: int, size: int) -> _Axis:
     return _Axis(matrix, first, second, matrix[rows, first], weight_second)
 
 
-def _upsample(level: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(H * W, C) rows of a pixel-major (h, w, C) level upsampled bilinearly, as two small products."""
-    h, w, channels = level.shape
-    if (h, w) == size:
-        return level.reshape(-1, channels)
-    down = _axis(h, size[0]).matrix @ level.reshape(h, w * channels)
-    return (_axis(w, size[1]).matrix @ down.reshape(size[0], w, channels)).reshape(-1, channels)
+def _stacked_rows(levels: list[torch.Tensor], centers: list[torch.Tensor], size: tuple[int, int],
+                  split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`anomaly.fused.gallery_rows` of pixel-major (h, w, C) levels on the (H, W) grid, each
+    upsampled from its own grid as ``F.interpolate`` does (read as it is where it is that grid)."""
+    taps = [None if tuple(level.shape[:2]) == size else _level_taps(tuple(level.shape[:2]), size)
+            for level in levels]
+    return fused.gallery_rows(levels, centers, taps, size, split)
 
 
 def _interpolate(products: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], out: torch.Tensor) -> None:
@@ -388,24 +388,24 @@ class _Plan:
         self.size = tuple(query[0].shape[:2])
         self.channels = [part.shape[-1] for part in query]
         self.native = [level > 0 and c >= native_from for level, c in enumerate(self.channels)]
-        self.queries = torch.cat([_upsample(part, self.size) for part in query], 1)
+        # Every query pixel, all levels upsampled (uncentred), for the exact recompute.
+        self.queries = _stacked_rows(query, [torch.zeros(c) for c in self.channels], self.size)[0][:, :-4]
         # Distances do not change when both sides move by the same vector; centring on the
         # query's mean pixel shrinks the norms, and with them the products' rounding errors.
         self.centers = [part.reshape(-1, part.shape[-1]).mean(0) for part in query]
-        centred = [part - center for part, center in zip(query, self.centers)]
-        direct = torch.cat([_upsample(part, self.size) for part, native in zip(centred, self.native) if not native], 1)
+        direct_rows, direct_squares = self._direct_rows(query, split=False)
+        direct = direct_rows[:, :-4]
         self.direct = _query_operand(direct, dtype)
+        centred = [part - center for part, center, native in zip(query, self.centers, self.native) if native]
         self.factored = [(_query_operand(part.reshape(-1, part.shape[-1]), torch.float32), tuple(part.shape[:2]))
-                         for part, native in zip(centred, self.native) if native]
+                         for part in centred]
         # The native levels' products, interpolated over the query grid, are written here for
         # each gallery image in turn (a fresh block would cost a page fault per 4 KiB).
         self._coarse: torch.Tensor | None = None
         # What tolerance() needs from the query side: norms of the direct rows, and a bound on the
         # whole pixel's (a native level's largest pixel stands for the taps it is mixed from).
-        direct_squares = direct.pow(2).sum(1)
         self._direct_norms = direct_squares.sqrt()
-        self._norms = (direct_squares + sum(float(part.pow(2).sum(-1).max()) for part, native
-                                            in zip(centred, self.native) if native)).sqrt()
+        self._norms = (direct_squares + sum(float(part.pow(2).sum(-1).max()) for part in centred)).sqrt()
         # The longest inner dimension of a float32 (or float32-accumulated) product.
         self._inner = 4 + max([direct.shape[1]] + [c for c, native in zip(self.channels, self.native) if native])
         self._spread = sum((fused.mix_spread(part, _level_taps(tuple(part.shape[:2]), self.size), self.size)
@@ -426,21 +426,24 @@ class _Plan:
         spread, row, native_squares = torch.zeros(size[0] * size[1]), 0, 0.0
         for (level, center), (operand, query_grid), grid in zip(natives, self.factored, grids):
             spread += fused.mix_spread(level, _level_taps(grid, size), size)
-            operand_rows, squares = fused.gallery_rows([level], [center], [None], grid, split=False)
+            operand_rows, squares = _stacked_rows([level], [center], grid)
             native = _matmul(operand_rows, operand)
             _interpolate(native, query_grid, self.size, out=self._coarse[row : row + len(native)])
             row += len(native)
             native_squares += float(squares.max())
         taps, weights = _gallery_taps(grids, size)
         terms = fused.Terms(self._coarse.numpy(), taps, weights, spread.numpy())
-        direct = [(level, center) for level, center, native in zip(levels, self.centers, self.native) if not native]
-        stacked, norms = fused.gallery_rows(
-            [level for level, _ in direct], [center for _, center in direct],
-            [None if level.shape[:2] == size else _level_taps(tuple(level.shape[:2]), size) for level, _ in direct],
-            size, split=self.dtype == torch.bfloat16)
+        stacked, norms = self._direct_rows(levels, split=self.dtype == torch.bfloat16)
         direct_squares = float(norms.max())
         return _GalleryImage(stacked.to(self.dtype), terms, size, (direct_squares + native_squares) ** 0.5,
                              direct_squares**0.5)
+
+    def _direct_rows(self, levels: list[torch.Tensor], split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`_stacked_rows` of the levels multiplied on the finest grid, centred on the query's
+        centres: the same rows on both sides of the finest-grid product."""
+        direct = [(level, center) for level, center, native in zip(levels, self.centers, self.native) if not native]
+        return _stacked_rows([level for level, _ in direct], [center for _, center in direct],
+                             tuple(levels[0].shape[:2]), split)
 
     def tolerance(self, gallery: _GalleryImage) -> fused.Tolerance:
         """How far the ranking distances to ``gallery`` can be from the exact ones.
