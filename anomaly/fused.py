@@ -5,7 +5,8 @@ interpolated over the gallery grid, less the gallery pixel's interpolation sprea
 :mod:`anomaly.search`). Formed with torch ops, each term is one more pass over a block of
 about 2.5 million entries per query tile and gallery image, and those passes, not the
 matrix products, used to take most of the search's time. Here one loop forms each gallery
-row in a cache-resident buffer and keeps only the minima of CHUNK-row chunks; a second,
+pixel's entries in cache (the coarse products mixed down once per row of the gallery grid,
+then across per pixel) and keeps only the minima of chunks, runs along a row; a second,
 serial one screens the chunks that pass against each query's bound and forms their entries.
 Smaller loops prepare each gallery image (its operand rows and interpolation spread, read
 straight from the bank's float16 levels), interpolate the coarse products down the query
@@ -35,22 +36,33 @@ from numba.extending import intrinsic, overload
 
 @dataclass(frozen=True)
 class Terms:
-    """What a gallery image adds to its finest-grid product, per gallery pixel g:
-    ``sum_t weights[g, t] * coarse[taps[g, t], query] - spread[g]``."""
+    """What a gallery image adds to its finest-grid product, per gallery pixel g = (y, x): for each
+    native level l, its coarse products mixed down from two native rows, then across from two native
+    columns, ``sum_j cols_w[l, x, j] * sum_i rows_w[l, y, i] * coarse[rows[l, y, i] + cols[l, x, j]]``,
+    and then ``- spread[g]``. Bilinear taps are separable: the rows' mix is formed once per gallery
+    row and shared by its pixels."""
 
     coarse: np.ndarray  # (R, P) float32: the native levels' products, interpolated over the query grid
-    taps: np.ndarray  # (G, T) int32 rows of ``coarse``
-    weights: np.ndarray  # (G, T) float32, 0 for unused taps
-    spread: np.ndarray  # (G,) float32
+    rows: np.ndarray  # (L, H, 2) int64: the coarse row of each native row's first pixel
+    row_weights: np.ndarray  # (L, H, 2) float32, 0 for an unused tap
+    cols: np.ndarray  # (L, W, 2) int64 native columns
+    col_weights: np.ndarray  # (L, W, 2) float32, 0 for an unused tap
+    widths: np.ndarray  # (L,) int64 native widths
+    spread: np.ndarray  # (H * W,) float32
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The fields in order, as the loops take them."""
+        return (self.coarse, self.rows, self.row_weights, self.cols, self.col_weights, self.widths, self.spread)
 
 
 def chunk_minima(product: torch.Tensor, terms: Terms, start: int, chunk: int) -> torch.Tensor:
-    """(ceil(G / chunk), P_t) float32 minima of ranking distances over chunks of ``chunk`` gallery
-    rows; ``product`` (G, P_t) is bfloat16 or float32, for query columns ``start:start + P_t``."""
-    rows, count = product.shape
-    minima = np.empty((-(-rows // chunk), count), np.float32)
+    """(H * ceil(W / chunk), P_t) float32 minima of ranking distances over chunks of up to ``chunk``
+    pixels of one gallery row (chunk c: row c // ceil(W / chunk), its (c % ceil(W / chunk))-th run);
+    ``product`` (H * W, P_t) is bfloat16 or float32, for query columns ``start:start + P_t``."""
+    height, width = terms.rows.shape[1], terms.cols.shape[1]
+    minima = np.empty((height * -(-width // chunk), product.shape[1]), np.float32)
     with _team():
-        _chunk_minima(_as_numpy(product), terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk, minima)
+        _chunk_minima(_as_numpy(product), *terms.arrays(), start, chunk, minima)
     return torch.from_numpy(minima)
 
 
@@ -79,8 +91,7 @@ def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: 
     there are fewer), or None for the smallest, found here (kappa = 1). Returns (lower ends, upper
     ends, query columns, gallery rows) of the entries whose lower end is within it.
     """
-    found = _screen(_as_numpy(product), terms.coarse, start, terms.taps, terms.weights, terms.spread, chunk,
-                    minima.numpy(), _SMALLEST if kth is None else kth.numpy(), within.numpy(), tolerance.offset,
+    found = _screen(_as_numpy(product), *terms.arrays(), start, chunk, minima.numpy(), _SMALLEST if kth is None else kth.numpy(), within.numpy(), tolerance.offset,
                     tolerance.slack, np.float32(tolerance.roundoff))
     return tuple(torch.from_numpy(array) for array in found)
 
@@ -216,43 +227,65 @@ def _widen_typed(value):
 
 
 @_compiled(parallel=True, **_FLAGS)
-def _chunk_minima(product, coarse, start, taps, weights, spread, chunk, minima):
-    """Taps come in groups of four (one native level each); each group is one pass over a
-    cache-resident row, the first fused with reading the product and the last with the minimum."""
-    rows, count = product.shape
-    groups = taps.shape[1] // 4
-    for c in numba.prange(minima.shape[0]):
-        row = np.empty(count, np.float32)
-        low = minima[c]
-        low[:] = np.inf
-        for g in range(c * chunk, min(c * chunk + chunk, rows)):
-            src, s = product[g], spread[g]
-            if groups == 0:
+def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, minima):
+    """One gallery row at a time: its native levels' rows mixed once into a small buffer, then each
+    pixel's entries formed from two of them and reduced into its chunk's minima, all cache-resident."""
+    count, levels, width = product.shape[1], rows.shape[0], cols.shape[1]
+    runs = (width + chunk - 1) // chunk
+    if levels == 0:
+        for c in numba.prange(minima.shape[0]):
+            low = minima[c]
+            low[:] = np.inf
+            first = (c // runs) * width + (c % runs) * chunk
+            for g in range(first, first + min(chunk, width - (c % runs) * chunk)):
+                src, s = product[g], spread[g]
                 for p in range(count):
                     low[p] = min(low[p], _widen(src[p]) - s)
-            for k in range(groups):
-                t = 4 * k
-                w0, w1, w2, w3 = weights[g, t], weights[g, t + 1], weights[g, t + 2], weights[g, t + 3]
-                c0 = coarse[taps[g, t], start : start + count]
-                c1 = coarse[taps[g, t + 1], start : start + count]
-                c2 = coarse[taps[g, t + 2], start : start + count]
-                c3 = coarse[taps[g, t + 3], start : start + count]
-                if k == 0 and groups == 1:
-                    for p in range(count):
-                        low[p] = min(low[p], _widen(src[p]) + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p]) - s)
-                elif k == 0:
-                    for p in range(count):
-                        row[p] = _widen(src[p]) + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p])
-                elif k < groups - 1:
-                    for p in range(count):
-                        row[p] = row[p] + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p])
-                else:
-                    for p in range(count):
-                        low[p] = min(low[p], row[p] + (w0 * c0[p] + w1 * c1[p] + w2 * c2[p] + w3 * c3[p]) - s)
+        return
+    offsets = np.zeros(levels + 1, np.int64)
+    for k in range(levels):
+        offsets[k + 1] = offsets[k] + widths[k]
+    for y in numba.prange(rows.shape[1]):
+        mixed = np.empty((offsets[levels], count), np.float32)
+        row = np.empty(count, np.float32)
+        for k in range(levels):
+            _mix_down(coarse, rows[k, y, 0], rows[k, y, 1], row_weights[k, y, 0], row_weights[k, y, 1], start,
+                      mixed[offsets[k] : offsets[k + 1]])
+        for c in range(runs):
+            low = minima[y * runs + c]
+            low[:] = np.inf
+            for x in range(c * chunk, min(c * chunk + chunk, width)):
+                src, s = product[y * width + x], spread[y * width + x]
+                for k in range(levels):
+                    m0, m1 = mixed[offsets[k] + cols[k, x, 0]], mixed[offsets[k] + cols[k, x, 1]]
+                    b0, b1 = col_weights[k, x, 0], col_weights[k, x, 1]
+                    if levels == 1:
+                        for p in range(count):
+                            low[p] = min(low[p], _widen(src[p]) + (b0 * m0[p] + b1 * m1[p]) - s)
+                    elif k == 0:
+                        for p in range(count):
+                            row[p] = _widen(src[p]) + (b0 * m0[p] + b1 * m1[p])
+                    elif k < levels - 1:
+                        for p in range(count):
+                            row[p] = row[p] + (b0 * m0[p] + b1 * m1[p])
+                    else:
+                        for p in range(count):
+                            low[p] = min(low[p], row[p] + (b0 * m0[p] + b1 * m1[p]) - s)
+
+
+@_compiled(inline="always", **_FLAGS)
+def _mix_down(coarse, top, bottom, a0, a1, start, out):
+    """``out[j] = a0 * coarse[top + j] + a1 * coarse[bottom + j]`` over the query columns from ``start``."""
+    count = out.shape[1]
+    for j in range(out.shape[0]):
+        upper, lower, target = coarse[top + j, start : start + count], coarse[bottom + j, start : start + count], out[j]
+        for p in range(count):
+            target[p] = a0 * upper[p] + a1 * lower[p]
 
 
 @_compiled(**_FLAGS)
-def _screen(product, coarse, start, taps, weights, spread, chunk, minima, kth, within, offset, slack, roundoff):
+def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, minima, kth, within,
+            offset, slack, roundoff):
     """Lower ``within``, then scan the chunk minima for those that pass (about one chunk per query, so
     64 queries at a time are first counted), and form their entries one by one."""
     count = minima.shape[1]
@@ -288,25 +321,29 @@ def _screen(product, coarse, start, taps, weights, spread, chunk, minima, kth, w
                 flat[passed] = c * count + p
                 passed += 1
     lower, upper = np.empty(passed * chunk, np.float32), np.empty(passed * chunk, np.float32)
-    columns, rows = np.empty(passed * chunk, np.int64), np.empty(passed * chunk, np.int64)
-    found = 0
+    columns, pixels = np.empty(passed * chunk, np.int64), np.empty(passed * chunk, np.int64)
+    found, width = 0, cols.shape[1]
+    runs = (width + chunk - 1) // chunk
     for i in range(passed):
         c, p = flat[i] // count, flat[i] % count
-        for g in range(c * chunk, min(c * chunk + chunk, product.shape[0])):
+        y, first = c // runs, (c % runs) * chunk
+        for x in range(first, min(first + chunk, width)):
+            g = y * width + x
             value = _widen(product[g, p])
-            for t in range(0, taps.shape[1], 4):
-                value = value + (weights[g, t] * coarse[taps[g, t], start + p]
-                                 + weights[g, t + 1] * coarse[taps[g, t + 1], start + p]
-                                 + weights[g, t + 2] * coarse[taps[g, t + 2], start + p]
-                                 + weights[g, t + 3] * coarse[taps[g, t + 3], start + p])
+            for k in range(rows.shape[0]):
+                a0, a1, b0, b1 = row_weights[k, y, 0], row_weights[k, y, 1], col_weights[k, x, 0], col_weights[k, x, 1]
+                top, bottom, q = rows[k, y, 0], rows[k, y, 1], start + p
+                m0 = a0 * coarse[top + cols[k, x, 0], q] + a1 * coarse[bottom + cols[k, x, 0], q]
+                m1 = a0 * coarse[top + cols[k, x, 1], q] + a1 * coarse[bottom + cols[k, x, 1], q]
+                value = value + (b0 * m0 + b1 * m1)
             value = value - spread[g]
             if value <= reach[p]:
                 low = (value - offset[p] - slack[p]) / grow
                 if low <= within[p]:
                     lower[found], upper[found] = low, (value - offset[p] + slack[p]) / shrink
-                    columns[found], rows[found] = p, g
+                    columns[found], pixels[found] = p, g
                     found += 1
-    return lower[:found], upper[:found], columns[:found], rows[:found]
+    return lower[:found], upper[:found], columns[:found], pixels[:found]
 
 
 _HALF = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)

@@ -22,7 +22,8 @@ Two searches serve SPADE:
     multiplying upsampled pixels (1/256 at level 3). Thin levels are upsampled and
     multiplied on the finest grid.
   - The finest-grid product, the interpolated native products and the spreads meet in
-    one compiled pass (:mod:`anomaly.fused`) that keeps only the minima of 8-pixel chunks;
+    one compiled pass (:mod:`anomaly.fused`) that keeps only the minima of chunks (runs of
+    8 pixels along a gallery row);
     the ranking distances are never written out in full. With the nearest images searched
     first, most chunks of the later ones are ruled out by a single comparison, and only
     the entries of the chunks that pass are formed again.
@@ -58,7 +59,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 # bfloat16 at 224 px, then stays in the L3 cache for the compiled pass that reduces it
 # (tiles of 392 and 1,568 measured slower).
 QUERY_TILE = 1024
-# Gallery rows per chunk in the two-stage search for the smallest distances.
+# Gallery pixels per chunk (a run along one row of the grid) in the two-stage search for the
+# smallest distances.
 CHUNK = 8
 # Rows of a flat gallery handled as one "image" (no interpolation there).
 GALLERY_TILE = 4096
@@ -184,7 +186,7 @@ class _Candidates:
 
     Each ranking distance brackets the exact distance (:class:`anomaly.fused.Tolerance`); a pixel stays while
     its lower end is within the kappa-th smallest upper end seen. Each gallery image's block of
-    distances arrives as minima of CHUNK-row chunks (:class:`_Block`); only the chunks that pass
+    distances arrives as minima of CHUNK-pixel chunks (:class:`_Block`); only the chunks that pass
     are read entry by entry, and after the nearest images that is about one chunk per query per
     image. Candidates are pruned only now and then.
     """
@@ -325,21 +327,25 @@ def _interpolate(products: torch.Tensor, grid: tuple[int, int], size: tuple[int,
 
 
 @lru_cache(maxsize=16)
-def _gallery_taps(grids: tuple[tuple[int, int], ...], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(H * W, 4 L) rows and weights: each finest-grid pixel's four bilinear taps on every native
-    level, as rows of the levels' native pixels stacked in order."""
-    taps, weights, base = [], [], 0
-    y, x = (axis.reshape(-1) for axis in torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij"))
+def _native_taps(grids: tuple[tuple[int, int], ...], size: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """The bilinear taps of every native level on the (H, W) grid, as :class:`anomaly.fused.Terms`
+    takes them: rows (L, H, 2) as the coarse rows of their first pixels (the levels' native pixels
+    stacked in order) and their weights, columns (L, W, 2) and theirs, and the native widths (L,)."""
+    rows, row_weights, cols, col_weights, base = [], [], [], [], 0
     for h, w in grids:
-        rows, cols = _axis(h, size[0]), _axis(w, size[1])
-        for ys, wy in ((rows.first, rows.weight_first), (rows.second, rows.weight_second)):
-            for xs, wx in ((cols.first, cols.weight_first), (cols.second, cols.weight_second)):
-                taps.append(base + ys[y] * w + xs[x])
-                weights.append(wy[y] * wx[x])
+        down, across = _axis(h, size[0]), _axis(w, size[1])
+        rows.append(torch.stack([down.first, down.second], 1) * w + base)
+        row_weights.append(torch.stack([down.weight_first, down.weight_second], 1))
+        cols.append(torch.stack([across.first, across.second], 1))
+        col_weights.append(torch.stack([across.weight_first, across.weight_second], 1))
         base += h * w
-    if not taps:
-        return np.zeros((size[0] * size[1], 0), np.int32), np.zeros((size[0] * size[1], 0), np.float32)
-    return torch.stack(taps, 1).int().numpy(), torch.stack(weights, 1).float().numpy()
+
+    def stacked(parts: list[torch.Tensor], length: int, dtype: np.dtype) -> np.ndarray:
+        return torch.stack(parts).numpy().astype(dtype) if parts else np.zeros((0, length, 2), dtype)
+
+    return (stacked(rows, size[0], np.int64), stacked(row_weights, size[0], np.float32),
+            stacked(cols, size[1], np.int64), stacked(col_weights, size[1], np.float32),
+            np.array([w for _, w in grids], np.int64))
 
 
 @dataclass
@@ -431,8 +437,7 @@ class _Plan:
             _interpolate(native, query_grid, self.size, out=self._coarse[row : row + len(native)])
             row += len(native)
             native_squares += float(squares.max())
-        taps, weights = _gallery_taps(grids, size)
-        terms = fused.Terms(self._coarse.numpy(), taps, weights, spread.numpy())
+        terms = fused.Terms(self._coarse.numpy(), *_native_taps(grids, size), spread.numpy())
         stacked, norms = self._direct_rows(levels, split=self.dtype == torch.bfloat16)
         direct_squares = float(norms.max())
         return _GalleryImage(stacked.to(self.dtype), terms, size, (direct_squares + native_squares) ** 0.5,

@@ -17,19 +17,31 @@ from anomaly.features import stack_pyramid
 
 
 def random_terms(rng, size: tuple[int, int], grids: tuple[tuple[int, int], ...], queries: int) -> fused.Terms:
-    taps, weights = search._gallery_taps(grids, size)
     rows = sum(h * w for h, w in grids)
     coarse = rng.normal(size=(rows, queries)).astype(np.float32)
-    return fused.Terms(coarse, taps, weights, rng.random(size[0] * size[1]).astype(np.float32))
+    return fused.Terms(coarse, *search._native_taps(grids, size), rng.random(size[0] * size[1]).astype(np.float32))
 
 
-def reference(product: torch.Tensor, terms: fused.Terms, start: int) -> np.ndarray:
-    """(G, P_t) ranking distances in float64, term by term."""
+def reference(product: torch.Tensor, terms: fused.Terms, start: int, grids: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """(G, P_t) ranking distances in float64: each native level's coarse products upsampled over the
+    gallery grid by F.interpolate, independently of the loops' tap tables."""
+    height, width = terms.rows.shape[1], terms.cols.shape[1]
     columns = slice(start, start + product.shape[1])
     out = product.double().numpy() - terms.spread.astype(np.float64)[:, None]
-    for t in range(terms.taps.shape[1]):
-        out += terms.weights[:, t, None].astype(np.float64) * terms.coarse[terms.taps[:, t], columns]
+    base = 0
+    for h, w in grids:
+        native = torch.from_numpy(terms.coarse[base : base + h * w, columns].astype(np.float64))
+        upsampled = F.interpolate(native.T.reshape(1, -1, h, w), size=(height, width), mode="bilinear",
+                                  align_corners=False)
+        out += upsampled.reshape(-1, height * width).T.numpy()
+        base += h * w
     return out
+
+
+def chunked(values: np.ndarray, width: int, chunk: int) -> np.ndarray:
+    """Minima over runs of up to ``chunk`` pixels of each grid row, row by row."""
+    rows = values.reshape(-1, width, values.shape[1])
+    return np.stack([rows[:, k : k + chunk].min(1) for k in range(0, width, chunk)], 1).reshape(-1, values.shape[1])
 
 
 EXACT = fused.Tolerance(np.zeros(23, np.float32), np.zeros(23, np.float32), 0.0)
@@ -41,14 +53,14 @@ EXACT = fused.Tolerance(np.zeros(23, np.float32), np.zeros(23, np.float32), 0.0)
 def test_chunk_minima_and_screened_entries_match_numpy(dtype, grids, threads, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     rng = np.random.default_rng(0)
-    size, queries, start, chunk = (9, 7), 40, 11, 8  # 63 gallery pixels: the last chunk is short
+    size, queries, start, chunk = (9, 11), 40, 11, 4  # rows of 11 pixels: each row's last chunk is short
     terms = random_terms(rng, size, grids, queries)
-    product = torch.from_numpy(rng.normal(size=(63, 23)).astype(np.float32)).to(dtype)
-    want = reference(product, terms, start)
+    product = torch.from_numpy(rng.normal(size=(99, 23)).astype(np.float32)).to(dtype)
+    want = reference(product, terms, start, grids)
 
     minima = fused.chunk_minima(product, terms, start, chunk)
-    padded = np.vstack([want, np.full((64 - 63, want.shape[1]), np.inf)])
-    np.testing.assert_allclose(minima.numpy(), padded.reshape(8, chunk, -1).min(1), rtol=1e-6, atol=1e-5)
+    assert minima.shape == (9 * 3, 23)
+    np.testing.assert_allclose(minima.numpy(), chunked(want, 11, chunk), rtol=1e-6, atol=1e-5)
 
     # Nothing known yet: every entry comes back, as the same float32 sums.
     infinite = torch.full((23,), np.inf)
@@ -58,7 +70,7 @@ def test_chunk_minima_and_screened_entries_match_numpy(dtype, grids, threads, mo
     np.testing.assert_allclose(lower.numpy(), want[rows.numpy(), columns.numpy()], rtol=1e-6, atol=1e-5)
     dense = np.full(want.shape, np.nan, np.float32)
     dense[rows.numpy(), columns.numpy()] = lower.numpy()
-    np.testing.assert_array_equal(np.vstack([dense, padded[63:]]).reshape(8, chunk, -1).min(1), minima.numpy())
+    np.testing.assert_array_equal(chunked(dense, 11, chunk), minima.numpy())
 
     # A finite bound keeps exactly the entries within it, from the chunks whose minimum is.
     within = torch.from_numpy(np.quantile(dense, 0.2, axis=0).astype(np.float32))
@@ -81,7 +93,7 @@ def test_screen_brackets_each_entry_by_its_tolerance():
     rng = np.random.default_rng(4)
     terms = random_terms(rng, (9, 7), ((5, 4),), 40)
     product = torch.from_numpy(rng.normal(size=(63, 23)).astype(np.float32))
-    ranking = reference(product, terms, 0)
+    ranking = reference(product, terms, 0, ((5, 4),))
     tolerance = fused.Tolerance(rng.random(23).astype(np.float32), rng.random(23).astype(np.float32) * 0.1, 2.0**-9)
     minima = fused.chunk_minima(product, terms, 0, 8)
     kth = minima.topk(2, dim=0, largest=False).values[-1]
@@ -101,8 +113,7 @@ def test_screen_brackets_each_entry_by_its_tolerance():
 
 def test_bfloat16_products_are_widened_exactly():
     values = torch.tensor([[1.0, -2.5, 3.0e-3, 6.5e4, 0.0, -0.0, float("inf"), 1.0e-38]]).to(torch.bfloat16)
-    terms = fused.Terms(np.zeros((0, 8), np.float32), np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32),
-                        np.zeros(1, np.float32))
+    terms = fused.Terms(np.zeros((0, 8), np.float32), *search._native_taps((), (1, 1)), np.zeros(1, np.float32))
     np.testing.assert_array_equal(fused.chunk_minima(values, terms, 0, 8).numpy(), values.float().numpy())
 
 
