@@ -55,15 +55,31 @@ class Terms:
         return (self.coarse, self.rows, self.row_weights, self.cols, self.col_weights, self.widths, self.spread)
 
 
-def chunk_minima(product: torch.Tensor, terms: Terms, start: int, chunk: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class Minima:
+    """A block's chunk minima, and what the screen needs of them."""
+
+    values: torch.Tensor  # (chunks, P_t) float32
+    smallest: torch.Tensor  # (P_t,) each query's least chunk minimum
+    hits: np.ndarray  # (chunks,) how many of a chunk's minima were within reach of the bounds before the block
+
+
+def chunk_minima(product: torch.Tensor, terms: Terms, start: int, chunk: int, within: torch.Tensor,
+                 tolerance: "Tolerance") -> Minima:
     """(H * ceil(W / chunk), P_t) float32 minima of ranking distances over chunks of up to ``chunk``
     pixels of one gallery row (chunk c: row c // ceil(W / chunk), its (c % ceil(W / chunk))-th run);
-    ``product`` (H * W, P_t) is bfloat16 or float32, for query columns ``start:start + P_t``."""
+    ``product`` (H * W, P_t) is bfloat16 or float32, for query columns ``start:start + P_t``.
+    ``within`` (P_t,) and ``tolerance``, as :func:`screen` will take them, only count the hits: as
+    :func:`screen` can only lower ``within``, a chunk without any cannot pass there."""
     height, width = terms.rows.shape[1], terms.cols.shape[1]
     minima = np.empty((height * -(-width // chunk), product.shape[1]), np.float32)
+    hits = np.empty(len(minima), np.int32)
     with _team():
-        _chunk_minima(_as_numpy(product), *terms.arrays(), start, chunk, minima)
-    return torch.from_numpy(minima)
+        smallest = np.full((numba.get_num_threads(), product.shape[1]), np.inf, np.float32)
+        _chunk_minima(_as_numpy(product), *terms.arrays(), start, chunk,
+                      _reach(within.numpy(), tolerance.offset, tolerance.slack, np.float32(tolerance.roundoff)),
+                      minima, hits, smallest)
+    return Minima(torch.from_numpy(minima), torch.from_numpy(smallest.min(0)), hits)
 
 
 @dataclass(frozen=True)
@@ -81,19 +97,33 @@ class Tolerance:
         return Tolerance(self.offset[rows], self.slack[rows], self.roundoff)
 
 
-def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: torch.Tensor,
+def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: Minima,
            kth: torch.Tensor | None, within: torch.Tensor, tolerance: Tolerance) -> tuple[torch.Tensor, ...]:
     """The entries that may still be among their query's nearest, from the chunks of
     :func:`chunk_minima`; the same sums, term by term in the same order.
 
     ``within`` (P_t,) float32, each query's bound on its kappa-th nearest exact distance, is first
     lowered in place to the upper end of ``kth``: the kappa-th smallest chunk minimum (+inf where
-    there are fewer), or None for the smallest, found here (kappa = 1). Returns (lower ends, upper
-    ends, query columns, gallery rows) of the entries whose lower end is within it.
+    there are fewer), or None for the smallest. Returns (lower ends, upper ends, query columns,
+    gallery pixels) of the entries whose lower end is within it.
     """
-    found = _screen(_as_numpy(product), *terms.arrays(), start, chunk, minima.numpy(), _SMALLEST if kth is None else kth.numpy(), within.numpy(), tolerance.offset,
+    found = _screen(_as_numpy(product), *terms.arrays(), start, chunk, minima.values.numpy(), minima.hits,
+                    (minima.smallest if kth is None else kth).numpy(), within.numpy(), tolerance.offset,
                     tolerance.slack, np.float32(tolerance.roundoff))
     return tuple(torch.from_numpy(array) for array in found)
+
+
+def prune(lower: torch.Tensor, upper: torch.Tensor, query: torch.Tensor, within: torch.Tensor, kappa: int,
+          cap: int) -> torch.Tensor:
+    """Lower ``within`` (P,) in place to each query's kappa-th smallest upper end among the entries
+    (lower end, upper end, query), and return the indices of the entries that stay: lower end within
+    it, and among their query's ``cap`` smallest upper ends (ties: first come first)."""
+    return torch.from_numpy(_prune(lower.numpy(), upper.numpy(), query.numpy(), within.numpy(), kappa, cap))
+
+
+def smallest(values: torch.Tensor, query: torch.Tensor, count: int, kappa: int) -> torch.Tensor:
+    """(count, kappa): each query's kappa smallest ``values``, ascending, +inf where it has fewer."""
+    return torch.from_numpy(_smallest(values.numpy(), query.numpy(), count, kappa))
 
 
 def mix_rows(source: torch.Tensor, first: torch.Tensor, second: torch.Tensor, weight_first: torch.Tensor,
@@ -152,9 +182,6 @@ def _level_values(level: torch.Tensor) -> np.ndarray:
     return level.numpy().view(np.uint16) if level.dtype == torch.float16 else level.float().numpy()
 
 
-# Passed to _screen for ``kth`` to mean: the smallest chunk minimum (a column reduction there costs less
-# than calling torch for it, at about 200 blocks per image).
-_SMALLEST = np.empty(0, np.float32)
 # Typed stand-ins for the rows' and columns' taps of a level read as it is (the loop never touches them).
 _NO_TAPS = ((np.zeros(1, np.int64),) * 2 + (np.zeros(1, np.float32),) * 2) * 2
 
@@ -227,9 +254,11 @@ def _widen_typed(value):
 
 
 @_compiled(parallel=True, **_FLAGS)
-def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, minima):
+def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, reach, minima,
+                  hits, smallest):
     """One gallery row at a time: its native levels' rows mixed once into a small buffer, then each
-    pixel's entries formed from two of them and reduced into its chunk's minima, all cache-resident."""
+    pixel's entries formed from two of them and reduced into its chunk's minima, all cache-resident;
+    each finished chunk is counted against ``reach`` and folded into its thread's row of ``smallest``."""
     count, levels, width = product.shape[1], rows.shape[0], cols.shape[1]
     runs = (width + chunk - 1) // chunk
     if levels == 0:
@@ -241,6 +270,7 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
                 src, s = product[g], spread[g]
                 for p in range(count):
                     low[p] = min(low[p], _widen(src[p]) - s)
+            _tally(low, reach, c, hits, smallest[numba.get_thread_id()])
         return
     offsets = np.zeros(levels + 1, np.int64)
     for k in range(levels):
@@ -271,6 +301,29 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
                     else:
                         for p in range(count):
                             low[p] = min(low[p], row[p] + (b0 * m0[p] + b1 * m1[p]) - s)
+            _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
+
+
+@_compiled(inline="always", **_FLAGS)
+def _tally(low, reach, c, hits, smallest):
+    """Count chunk c's minima within ``reach`` (a fixed-length sum, vectorised), and fold them into ``smallest``."""
+    count = np.int32(0)
+    for p in range(low.shape[0]):
+        count += np.int32(low[p] <= reach[p])
+        smallest[p] = min(smallest[p], low[p])
+    hits[c] = count
+
+
+@_compiled(**_FLAGS)
+def _reach(within, offset, slack, roundoff):
+    """The largest ranking distance whose lower end can be within ``within``, widened by far more than
+    its own rounding (entries it lets through are tested on their lower end)."""
+    grow = np.float32(1) + roundoff
+    reach = np.empty(within.shape[0], np.float32)
+    for p in range(within.shape[0]):
+        reach[p] = (within[p] * grow + offset[p] + slack[p]
+                    + np.float32(1e-6) * (abs(within[p]) * grow + abs(offset[p]) + slack[p]))
+    return reach
 
 
 @_compiled(inline="always", **_FLAGS)
@@ -284,34 +337,27 @@ def _mix_down(coarse, top, bottom, a0, a1, start, out):
 
 
 @_compiled(**_FLAGS)
-def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, minima, kth, within,
-            offset, slack, roundoff):
-    """Lower ``within``, then scan the chunk minima for those that pass (about one chunk per query, so
-    64 queries at a time are first counted), and form their entries one by one."""
+def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, minima, hits, kth,
+            within, offset, slack, roundoff):
+    """Lower ``within``, then scan the chunks with hits for minima that pass (about one chunk per query,
+    so 64 queries at a time are first counted), and form their entries one by one."""
     count = minima.shape[1]
-    if kth.shape[0] == 0:  # _SMALLEST
-        kth = minima[0].copy()
-        for c in range(1, minima.shape[0]):
-            for p in range(count):
-                kth[p] = min(kth[p], minima[c, p])
     grow, shrink = np.float32(1) + roundoff, np.float32(1) - roundoff
-    reach = np.empty(count, np.float32)
     for p in range(count):
         within[p] = min(within[p], (kth[p] - offset[p] + slack[p]) / shrink)
-        # The largest ranking distance whose lower end can be within it, widened by far more
-        # than its own rounding (entries it lets through are tested on their lower end).
-        reach[p] = (within[p] * grow + offset[p] + slack[p]
-                    + np.float32(1e-6) * (abs(within[p]) * grow + abs(offset[p]) + slack[p]))
+    reach = _reach(within, offset, slack, roundoff)
     flat = np.empty(minima.size, np.int64)  # only the passing part is ever touched
     passed = 0
     blocks = count - count % 64
     for c in range(minima.shape[0]):
+        if hits[c] == 0:
+            continue
         row = minima[c]
         for first in range(0, blocks, 64):
-            hits = np.int32(0)  # a fixed-length count: one vector comparison per 16 queries
+            hits_here = np.int32(0)  # a fixed-length count: one vector comparison per 16 queries
             for j in range(64):
-                hits += np.int32(row[first + j] <= reach[first + j])
-            if hits:
+                hits_here += np.int32(row[first + j] <= reach[first + j])
+            if hits_here:
                 for p in range(first, first + 64):
                     if row[p] <= reach[p]:
                         flat[passed] = c * count + p
@@ -344,6 +390,51 @@ def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, sprea
                     columns[found], pixels[found] = p, g
                     found += 1
     return lower[:found], upper[:found], columns[:found], pixels[:found]
+
+
+@_compiled(**_FLAGS)
+def _by_query(query, count):
+    """A counting sort: entry indices grouped by query, in arrival order, and each query's start (count + 1,)."""
+    starts = np.zeros(count + 1, np.int64)
+    for i in range(query.shape[0]):
+        starts[query[i] + 1] += 1
+    for p in range(count):
+        starts[p + 1] += starts[p]
+    fill = starts[:-1].copy()
+    order = np.empty(query.shape[0], np.int64)
+    for i in range(query.shape[0]):
+        order[fill[query[i]]] = i
+        fill[query[i]] += 1
+    return order, starts
+
+
+@_compiled(**_FLAGS)
+def _prune(lower, upper, query, within, kappa, cap):
+    order, starts = _by_query(query, within.shape[0])
+    keep = np.empty(query.shape[0], np.int64)
+    kept = 0
+    for p in range(within.shape[0]):
+        group = order[starts[p] : starts[p + 1]]
+        if group.shape[0] >= kappa:
+            within[p] = min(within[p], np.partition(upper[group], kappa - 1)[kappa - 1])
+        if group.shape[0] > cap:
+            group = group[np.argsort(upper[group], kind="mergesort")[:cap]]
+        for i in group:
+            if lower[i] <= within[p]:
+                keep[kept] = i
+                kept += 1
+    return keep[:kept]
+
+
+@_compiled(**_FLAGS)
+def _smallest(values, query, count, kappa):
+    out = np.full((count, kappa), np.inf, np.float32)
+    order, starts = _by_query(query, count)
+    for p in range(count):
+        group = np.sort(values[order[starts[p] : starts[p + 1]]])
+        for j in range(min(kappa, group.shape[0])):
+            out[p, j] = group[j]
+    return out
 
 
 _HALF = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)

@@ -178,7 +178,7 @@ def _search(
     query_ids = torch.cat([ids + rows.start for rows, (ids, _) in zip(tiles, pairs)])
     pixel_ids = torch.cat([pixels for _, pixels in pairs])
     exact = _exact(plan.queries, images, query_ids, pixel_ids)
-    return _smallest(exact, query_ids, len(plan.queries), kappa)
+    return fused.smallest(exact, query_ids, len(plan.queries), kappa)
 
 
 class _Candidates:
@@ -199,12 +199,12 @@ class _Candidates:
 
     def offer(self, block: _Block, offset: int, tolerance: fused.Tolerance) -> None:
         count = len(self.within)
-        minima = block.chunk_minima()
+        minima = block.chunk_minima(self.within, tolerance)
         # The kappa-th smallest entry of a block is at most its kappa-th smallest chunk minimum.
         if self.kappa == 1:
-            kth = None  # the smallest, found by the screen itself
-        elif len(minima) >= self.kappa:
-            kth = minima.topk(self.kappa, dim=0, largest=False).values[-1]
+            kth = None  # the smallest, found with the minima
+        elif len(minima.values) >= self.kappa:
+            kth = minima.values.topk(self.kappa, dim=0, largest=False).values[-1]
         else:
             kth = torch.full_like(self.within, float("inf"))
         lower, upper, query, rows = block.screen(minima, kth, self.within, tolerance)
@@ -216,13 +216,9 @@ class _Candidates:
     def _merge(self) -> None:
         """Sharpen ``within`` from all candidates and drop those that cannot come within it."""
         lower, upper, query, ids = (torch.cat(parts) for parts in zip(*self._pending))
-        order, rank = _rank_within_query(upper, query)
-        lower, upper, query, ids = lower[order], upper[order], query[order], ids[order]
-        kth = rank == self.kappa - 1
-        self.within[query[kth]] = torch.minimum(self.within[query[kth]], upper[kth])
-        keep = (lower <= self.within[query]) & (rank < MAX_CANDIDATES)
+        keep = fused.prune(lower, upper, query, self.within, self.kappa, MAX_CANDIDATES)
         self._pending = [(lower[keep], upper[keep], query[keep], ids[keep])]
-        self._size = self._merged_size = int(keep.sum())
+        self._size = self._merged_size = len(keep)
 
     def final(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(query, gallery pixel) pairs: all that can be among the kappa nearest."""
@@ -264,25 +260,6 @@ def _level_taps(grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarra
     rows, cols = _axis(grid[0], size[0]), _axis(grid[1], size[1])
     return tuple(np.ascontiguousarray(part.numpy()) for axis in (rows, cols)
                  for part in (axis.first, axis.second, axis.weight_first, axis.weight_second))
-
-
-def _rank_within_query(values: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The order that sorts entries by query, then by value, and each sorted entry's rank (0 for
-    the smallest value) among its query's."""
-    order = values.argsort(stable=True)
-    order = order[query[order].argsort(stable=True)]
-    sorted_query = query[order]
-    return order, torch.arange(len(order)) - torch.searchsorted(sorted_query, sorted_query)
-
-
-def _smallest(values: torch.Tensor, query_ids: torch.Tensor, count: int, kappa: int) -> torch.Tensor:
-    """(count, kappa): each query's kappa smallest ``values``, ascending, +inf where it has fewer."""
-    order, rank = _rank_within_query(values, query_ids)
-    query = query_ids[order]
-    kept = rank < kappa
-    out = torch.full((count, kappa), float("inf"))
-    out[query[kept], rank[kept]] = values[order[kept]]
-    return out
 
 
 @dataclass(frozen=True)
@@ -371,10 +348,10 @@ class _Block:
     terms: fused.Terms
     start: int
 
-    def chunk_minima(self) -> torch.Tensor:
-        return fused.chunk_minima(self.product, self.terms, self.start, CHUNK)
+    def chunk_minima(self, within: torch.Tensor, tolerance: fused.Tolerance) -> fused.Minima:
+        return fused.chunk_minima(self.product, self.terms, self.start, CHUNK, within, tolerance)
 
-    def screen(self, minima: torch.Tensor, kth: torch.Tensor | None, within: torch.Tensor,
+    def screen(self, minima: fused.Minima, kth: torch.Tensor | None, within: torch.Tensor,
                tolerance: fused.Tolerance) -> tuple[torch.Tensor, ...]:
         """:func:`anomaly.fused.screen` on this block."""
         return fused.screen(self.product, self.terms, self.start, CHUNK, minima, kth, within, tolerance)

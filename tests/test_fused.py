@@ -44,7 +44,7 @@ def chunked(values: np.ndarray, width: int, chunk: int) -> np.ndarray:
     return np.stack([rows[:, k : k + chunk].min(1) for k in range(0, width, chunk)], 1).reshape(-1, values.shape[1])
 
 
-EXACT = fused.Tolerance(np.zeros(23, np.float32), np.zeros(23, np.float32), 0.0)
+EXACT = fused.Tolerance(np.zeros(40, np.float32), np.zeros(40, np.float32), 0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,29 +58,37 @@ def test_chunk_minima_and_screened_entries_match_numpy(dtype, grids, threads, mo
     product = torch.from_numpy(rng.normal(size=(99, 23)).astype(np.float32)).to(dtype)
     want = reference(product, terms, start, grids)
 
-    minima = fused.chunk_minima(product, terms, start, chunk)
-    assert minima.shape == (9 * 3, 23)
-    np.testing.assert_allclose(minima.numpy(), chunked(want, 11, chunk), rtol=1e-6, atol=1e-5)
+    infinite = torch.full((23,), np.inf)
+    minima = fused.chunk_minima(product, terms, start, chunk, infinite, EXACT)
+    assert minima.values.shape == (9 * 3, 23)
+    np.testing.assert_allclose(minima.values.numpy(), chunked(want, 11, chunk), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(minima.smallest.numpy(), minima.values.amin(0).numpy())
+    np.testing.assert_array_equal(minima.hits, 23)
 
     # Nothing known yet: every entry comes back, as the same float32 sums.
-    infinite = torch.full((23,), np.inf)
     lower, upper, columns, rows = fused.screen(product, terms, start, chunk, minima, infinite, infinite.clone(), EXACT)
     assert len(lower) == want.size
     np.testing.assert_array_equal(lower.numpy(), upper.numpy())
     np.testing.assert_allclose(lower.numpy(), want[rows.numpy(), columns.numpy()], rtol=1e-6, atol=1e-5)
     dense = np.full(want.shape, np.nan, np.float32)
     dense[rows.numpy(), columns.numpy()] = lower.numpy()
-    np.testing.assert_array_equal(chunked(dense, 11, chunk), minima.numpy())
+    np.testing.assert_array_equal(chunked(dense, 11, chunk), minima.values.numpy())
 
-    # A finite bound keeps exactly the entries within it, from the chunks whose minimum is.
-    within = torch.from_numpy(np.quantile(dense, 0.2, axis=0).astype(np.float32))
+    # A finite bound keeps exactly the entries within it, from the chunks whose minimum is (the
+    # minima count them, and the screen reads only the chunks with any).
+    within = torch.from_numpy(np.quantile(dense, 0.03, axis=0).astype(np.float32))
+    minima = fused.chunk_minima(product, terms, start, chunk, within, EXACT)
+    reach = within.numpy() * np.float32(1 + 1e-6)
+    np.testing.assert_array_equal(minima.hits, (minima.values.numpy() <= reach).sum(1))
+    assert 0 < (minima.hits == 0).sum() < len(minima.hits)
     lower, _, columns, _ = fused.screen(product, terms, start, chunk, minima, infinite, within, EXACT)
     assert (lower.numpy() <= within.numpy()[columns.numpy()]).all()
     assert len(lower) == int((dense <= within.numpy()).sum())
 
     # The least chunk minimum's upper end lowers the bound in place: each query keeps its nearest entry.
-    # None finds that minimum in the screen itself.
-    for kth in (minima.amin(0), None):
+    # None takes the minimum the minima found.
+    minima = fused.chunk_minima(product, terms, start, chunk, infinite, EXACT)
+    for kth in (minima.values.amin(0), None):
         within = infinite.clone()
         lower, _, columns, _ = fused.screen(product, terms, start, chunk, minima, kth, within, EXACT)
         np.testing.assert_array_equal(within.numpy(), dense.min(0))
@@ -95,9 +103,9 @@ def test_screen_brackets_each_entry_by_its_tolerance():
     product = torch.from_numpy(rng.normal(size=(63, 23)).astype(np.float32))
     ranking = reference(product, terms, 0, ((5, 4),))
     tolerance = fused.Tolerance(rng.random(23).astype(np.float32), rng.random(23).astype(np.float32) * 0.1, 2.0**-9)
-    minima = fused.chunk_minima(product, terms, 0, 8)
-    kth = minima.topk(2, dim=0, largest=False).values[-1]
     within = torch.full((23,), np.inf)
+    minima = fused.chunk_minima(product, terms, 0, 8, within, tolerance)
+    kth = minima.values.topk(2, dim=0, largest=False).values[-1]
     lower, upper, columns, rows = fused.screen(product, terms, 0, 8, minima, kth, within, tolerance)
 
     offset, slack, u = tolerance.offset.astype(np.float64), tolerance.slack.astype(np.float64), tolerance.roundoff
@@ -114,7 +122,45 @@ def test_screen_brackets_each_entry_by_its_tolerance():
 def test_bfloat16_products_are_widened_exactly():
     values = torch.tensor([[1.0, -2.5, 3.0e-3, 6.5e4, 0.0, -0.0, float("inf"), 1.0e-38]]).to(torch.bfloat16)
     terms = fused.Terms(np.zeros((0, 8), np.float32), *search._native_taps((), (1, 1)), np.zeros(1, np.float32))
-    np.testing.assert_array_equal(fused.chunk_minima(values, terms, 0, 8).numpy(), values.float().numpy())
+    minima = fused.chunk_minima(values, terms, 0, 8, torch.full((8,), np.inf), EXACT)
+    np.testing.assert_array_equal(minima.values.numpy(), values.float().numpy())
+
+
+@pytest.mark.parametrize("kappa, cap", [(1, 256), (3, 256), (2, 4)])
+def test_prune_keeps_what_can_still_be_among_the_kappa_nearest(kappa, cap):
+    """Against a per-query numpy loop: ``within`` drops to the kappa-th smallest upper end, and an
+    entry stays when its lower end is within it and it ranks (by upper end, ties by arrival) below cap."""
+    rng = np.random.default_rng(7)
+    queries, entries = 6, 60
+    upper = rng.integers(0, 12, entries).astype(np.float32)  # many ties
+    lower = upper - rng.integers(0, 4, entries).astype(np.float32)
+    query = rng.integers(0, queries - 1, entries)  # the last query has no entries
+    within = rng.integers(4, 12, queries).astype(np.float32)
+    want_within, want_keep = within.copy(), []
+    for p in range(queries):
+        members = np.flatnonzero(query == p)
+        if len(members) >= kappa:
+            want_within[p] = min(want_within[p], np.sort(upper[members])[kappa - 1])
+        ranked = members[np.argsort(upper[members], kind="stable")][:cap]
+        want_keep += [i for i in ranked if lower[i] <= want_within[p]]
+
+    got_within = torch.from_numpy(within.copy())
+    keep = fused.prune(torch.from_numpy(lower), torch.from_numpy(upper), torch.from_numpy(query), got_within, kappa, cap)
+    np.testing.assert_array_equal(got_within.numpy(), want_within)
+    assert sorted(keep.tolist()) == sorted(want_keep)
+    assert len(want_keep) < entries  # the case prunes something
+
+
+def test_smallest_per_query_ascending_with_inf_where_fewer():
+    rng = np.random.default_rng(8)
+    values = rng.random(40).astype(np.float32)
+    query = rng.integers(0, 5, 40)
+    query[query == 3] = 4  # query 3 has none
+    got = fused.smallest(torch.from_numpy(values), torch.from_numpy(query), 6, 4).numpy()
+    for p in range(6):
+        want = np.sort(values[query == p])[:4]
+        np.testing.assert_array_equal(got[p, : len(want)], want)
+        assert np.isinf(got[p, len(want) :]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -166,12 +212,14 @@ def test_chunk_minima_from_concurrent_threads():
     rng = np.random.default_rng(3)
     terms = random_terms(rng, (9, 7), ((5, 4),), 40)
     products = [torch.from_numpy(rng.normal(size=(63, 40)).astype(np.float32)) for _ in range(4)]
-    want = [fused.chunk_minima(product, terms, 0, 8) for product in products]
+    within = torch.full((40,), np.inf)
+    want = [fused.chunk_minima(product, terms, 0, 8, within, EXACT) for product in products]
     with ThreadPoolExecutor(4) as pool:
         for _ in range(5):
-            got = list(pool.map(lambda product: fused.chunk_minima(product, terms, 0, 8), products))
+            got = list(pool.map(lambda product: fused.chunk_minima(product, terms, 0, 8, within, EXACT), products))
             for a, b in zip(got, want):
-                np.testing.assert_array_equal(a.numpy(), b.numpy())
+                np.testing.assert_array_equal(a.values.numpy(), b.values.numpy())
+                np.testing.assert_array_equal(a.smallest.numpy(), b.smallest.numpy())
 
 
 UNCACHED_SEARCH = """
