@@ -5,10 +5,11 @@
 
 Sections (``--section``, repeatable; default all but ``bank5000``):
 
-* ``pixel``      pixel maps at K neighbours: the naive reference (torch.cdist of all query pixels
-                 against the whole gallery, then the minimum) and one faiss.knn call per image,
-                 against the library's search with float32 and bfloat16 ranking, on the same
-                 features; achieved FLOP/s against this machine's own matrix-multiply throughput
+* ``pixel``      pixel maps at K neighbours: the naive reference (the query's and the K images'
+                 pixels stacked from the bank's levels, then torch.cdist of all query pixels
+                 against the whole gallery, then the minimum) and one faiss.knn call per image on
+                 the same stacked pixels, against the library's search with float32 and bfloat16
+                 ranking, which reads the same levels; the stacking is also reported apart; achieved FLOP/s against this machine's own matrix-multiply throughput
                  measured in the same run; how often the two rankings' distances differ at all.
 * ``accuracy``   pixel ROC AUC / PRO (and image ROC AUC) with float32 and with bfloat16 ranking
                  over the whole test set, and how far their maps differ.
@@ -133,15 +134,24 @@ def model(args, **params) -> SPADE:
     return SPADE(args.backbone, args.weights, k=args.k, kappa=args.kappa, batch_size=args.batch, **params)
 
 
-def test_features(fitted: SPADE, items: list) -> list[tuple[list[torch.Tensor], torch.Tensor, np.ndarray]]:
-    """Per test image: its pyramid levels, the same stacked as query pixels (P, C), its K neighbours."""
+def test_features(fitted: SPADE, items: list) -> list[tuple[list[torch.Tensor], np.ndarray]]:
+    """Per test image: its pyramid levels and its K neighbours."""
     out = []
     for batch in iter_batches(fitted.extractor, items, fitted.batch_size):
         _, neighbours = fitted.nearest_images(batch.global_features)
-        for row, (stacked, nearest) in enumerate(zip(stack_pyramid(batch.pyramid), neighbours)):
-            pixels = stacked.permute(1, 2, 0).reshape(-1, stacked.shape[0]).contiguous()
-            out.append(([level[row] for level in batch.pyramid], pixels, nearest))
+        out += [([level[row] for level in batch.pyramid], nearest) for row, nearest in enumerate(neighbours)]
     return out
+
+
+def stacked_pixels(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbours: np.ndarray
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the references compare: the query's pixels (P, C) and all pixels of its K neighbours
+    (K * P, C), stacked by :func:`stack_pyramid` from the levels the search reads (the bank's)."""
+    def rows(stacked: torch.Tensor) -> torch.Tensor:
+        return stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1]).contiguous()
+
+    gallery = stack_pyramid([torch.from_numpy(np.asarray(level[neighbours], np.float32)) for level in pyramid])
+    return rows(stack_pyramid([level[None] for level in query])), rows(gallery)
 
 
 def gemm_flops(channels: list[int], grids: list[tuple[int, int]], images: int, precision: str) -> tuple[float, float]:
@@ -174,21 +184,22 @@ def section_pixel(args) -> None:
     grids = [tuple(level.shape[2:]) for level in bank.pyramid]
     precisions = {"naive": "fp32", "faiss": "fp32", "fp32": "fp32", "bf16": "bf16"}
     references = {"naive": naive_nearest, "faiss": faiss_nearest}
-    seconds: dict[str, list[float]] = {name: [] for name in precisions}
+    seconds: dict[str, list[float]] = {name: [] for name in ["stack", *precisions]}
     gaps, rates = {name: 0.0 for name in precisions if name != "naive"}, {}
     differ, bf16_gap = [], 0.0
-    for index, (query, queries, neighbours) in enumerate(cases):
-        stacked = stack_pyramid([torch.from_numpy(np.asarray(level[neighbours], np.float32)) for level in bank.pyramid])
-        gallery = stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1]).contiguous()
-        del stacked
+    for index, (query, neighbours) in enumerate(cases):
         out: dict[str, torch.Tensor] = {}
-        # All four in turns, each its best of the same number of repeats: a reference timed fewer
-        # times would keep more of the machine's noise, which only ever adds time.
-        searches = {name: lambda name=name: out.__setitem__(name, search.pyramid_knn(
+        # Every path starts from the query's levels and the bank: the search reads the K images'
+        # levels itself, so the references' stacking of the same pixels is timed too ("stack"),
+        # and then reported with them and apart. All run in turns, each its best of the same number
+        # of repeats: a path timed fewer times would keep more of the machine's noise.
+        variants = {"stack": lambda: out.__setitem__("stacked", stacked_pixels(query, bank.pyramid, neighbours))}
+        variants |= {name: lambda name=name, run=run: out.__setitem__(name, run(*out["stacked"], args.kappa))
+                     for name, run in references.items()}
+        variants |= {name: lambda name=name: out.__setitem__(name, search.pyramid_knn(
             query, bank.pyramid, neighbours, args.kappa, precisions[name])) for name in ("fp32", "bf16")}
-        best = best_times({**{name: lambda name=name, run=run: out.__setitem__(name, run(queries, gallery, args.kappa))
-                              for name, run in references.items()}, **searches}, args.repeats)
-        del gallery
+        best = best_times(variants, args.repeats)
+        query_pixels = len(out.pop("stacked")[0])
         for name in seconds:
             seconds[name].append(best[name])
         for name in gaps:
@@ -198,33 +209,42 @@ def section_pixel(args) -> None:
         bf16_gap = max(bf16_gap, float(((out["bf16"] - out["fp32"]).abs() / out["fp32"].clamp_min(1e-12)).max()))
         if index == 0:  # the machine's own matrix-multiply throughput, in the same run
             rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
-    images = len(cases[0][2])
-    naive, faiss_time = float(np.median(seconds["naive"])), float(np.median(seconds["faiss"]))
+    images = len(cases[0][1])
+    stack = np.array(seconds["stack"])
+    # A reference's time per image: stacking the pixels, then its search.
+    total = {name: np.array(seconds[name]) + (stack if name in references else 0.0) for name in precisions}
+    naive, cdist_only, faiss_time = float(np.median(total["naive"])), float(np.median(seconds["naive"])), \
+        float(np.median(total["faiss"]))
     rows = []
     default = search.resolve_precision("auto")
-    labels = {"naive": "naive torch.cdist + min", "faiss": "faiss.knn per image",
+    labels = {"naive": "naive: stack pixels, torch.cdist + min", "faiss": "stack pixels, faiss.knn",
               "fp32": "search, fp32 ranking" + " (default)" * (default == "fp32"),
               "bf16": "search, bf16 ranking" + " (default)" * (default == "bf16")}
     for name, label in labels.items():
-        t, precision = float(np.median(seconds[name])), precisions[name]
+        t, precision = float(np.median(total[name])), precisions[name]
+        compute = float(np.median(seconds[name]))  # a reference's FLOP/s count its search only
         nominal, executed = gemm_flops(channels, grids, images, precision)
         flops = executed if name in ("fp32", "bf16") else nominal
-        rows.append([label, t, naive / t, faiss_time / t, nominal / t / 1e9, flops / t / 1e9,
-                     f"{nominal / t / rates[precision]:.0%} / {flops / t / rates[precision]:.0%} of {precision}",
+        rows.append([label, t, naive / t, cdist_only / t, faiss_time / t, nominal / compute / 1e9,
+                     flops / compute / 1e9,
+                     f"{nominal / compute / rates[precision]:.0%} / {flops / compute / rates[precision]:.0%} of {precision}",
                      f"{gaps.get(name, 0.0):.2g}"])
     table(f"Pixel maps: {args.backbone} ({bank.identity.weights}), K={images}, kappa={args.kappa}, "
-          f"{cases[0][1].shape[0]} query pixels, C={sum(channels)}, bank of {len(bank)}, {len(cases)} test images "
-          f"(median over the images of each path's best of {args.repeats} repeats, all four in turns)",
-          ["path", "s / image", "x naive", "x faiss", "nominal GFLOP/s", "executed GFLOP/s",
-           "nominal / executed of the matmul peak",
-           "max |d - naive| / naive"], rows)
+          f"{query_pixels} query pixels, C={sum(channels)}, bank of {len(bank)}, {len(cases)} test images "
+          f"(median over the images of each path's best of {args.repeats} repeats, all in turns)",
+          ["path", "s / image", "x naive", "x naive's cdist + min alone", "x faiss", "nominal GFLOP/s",
+           "executed GFLOP/s", "nominal / executed of the matmul peak", "max |d - naive| / naive"], rows)
+    ratios = total["naive"] / np.array(seconds[default])
+    print(f"Stacking the query's and the K images' pixels from the bank's levels (stack_pyramid) takes "
+          f"{np.median(stack):.3f} s of the naive reference's {naive:.3f} s per image; the rest is torch.cdist + min "
+          f"({cdist_only:.3f} s). Speed-up of {default} per image {ratios.min():.1f}x-{ratios.max():.1f}x "
+          f"({(np.array(seconds['naive']) / np.array(seconds[default])).min():.1f}x-"
+          f"{(np.array(seconds['naive']) / np.array(seconds[default])).max():.1f}x against cdist + min alone).")
     print(f"Matmul peak here, (3136x1024) @ (1024x3136): fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{rates['bf16'] / 1e9:.0f} GFLOP/s. Nominal = 2*P*G*C = {nominal / 1e12:.2f} TFLOP per image; the search "
           f"executes {gemm_flops(channels, grids, images, 'fp32')[1] / 1e12:.2f} (fp32) and "
           f"{gemm_flops(channels, grids, images, 'bf16')[1] / 1e12:.2f} (bf16): levels with at least "
-          f"{search.FACTOR_MIN_CHANNELS} channels are multiplied at native resolution. Speed-up of {default} per "
-          f"image {min(s / f for s, f in zip(seconds['naive'], seconds[default])):.1f}x-"
-          f"{max(s / f for s, f in zip(seconds['naive'], seconds[default])):.1f}x. bf16 against fp32 ranking: "
+          f"{search.FACTOR_MIN_CHANNELS} channels are multiplied at native resolution. bf16 against fp32 ranking: "
           f"{np.mean(differ):.4%} of pixel distances differ at all, by at most {bf16_gap:.2g} (relative).")
 
 
