@@ -14,6 +14,7 @@ import os
 import threading
 
 import faiss
+import numba
 import torch
 
 compute_lock = threading.Lock()
@@ -38,6 +39,9 @@ def configure_threads(threads: int | None = None) -> int:
         threads = int(os.environ.get("ANOMALY_THREADS", "0")) or available_cores()
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    # numba's OpenMP pool, when it starts, sets the thread count of the OpenMP runtime it shares
+    # with torch to its own (all cores); started first, torch's setting below is the one that holds.
+    numba.get_num_threads()
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     _configured = threads
