@@ -306,7 +306,7 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
 
 @_compiled(inline="always", **_FLAGS)
 def _tally(low, reach, c, hits, smallest):
-    """Count chunk c's minima within ``reach`` (a fixed-length sum, vectorised), and fold them into ``smallest``."""
+    """Count chunk c's minima within ``reach`` and fold them into ``smallest`` (one vectorised pass)."""
     count = np.int32(0)
     for p in range(low.shape[0]):
         count += np.int32(low[p] <= reach[p])
