@@ -310,15 +310,16 @@ def _native_taps(grids: tuple[tuple[int, int], ...], size: tuple[int, int]) -> t
     stacked in order) and their weights, columns (L, W, 2) and theirs, and the native widths (L,)."""
     rows, row_weights, cols, col_weights, base = [], [], [], [], 0
     for h, w in grids:
-        down, across = _axis(h, size[0]), _axis(w, size[1])
-        rows.append(torch.stack([down.first, down.second], 1) * w + base)
-        row_weights.append(torch.stack([down.weight_first, down.weight_second], 1))
-        cols.append(torch.stack([across.first, across.second], 1))
-        col_weights.append(torch.stack([across.weight_first, across.weight_second], 1))
+        first_y, second_y, weight_first_y, weight_second_y, first_x, second_x, weight_first_x, weight_second_x = \
+            _level_taps((h, w), size)
+        rows.append(np.stack([first_y, second_y], 1) * w + base)
+        row_weights.append(np.stack([weight_first_y, weight_second_y], 1))
+        cols.append(np.stack([first_x, second_x], 1))
+        col_weights.append(np.stack([weight_first_x, weight_second_x], 1))
         base += h * w
 
-    def stacked(parts: list[torch.Tensor], length: int, dtype: np.dtype) -> np.ndarray:
-        return torch.stack(parts).numpy().astype(dtype) if parts else np.zeros((0, length, 2), dtype)
+    def stacked(parts: list[np.ndarray], length: int, dtype: np.dtype) -> np.ndarray:
+        return np.stack(parts).astype(dtype) if parts else np.zeros((0, length, 2), dtype)
 
     return (stacked(rows, size[0], np.int64), stacked(row_weights, size[0], np.float32),
             stacked(cols, size[1], np.int64), stacked(col_weights, size[1], np.float32),
@@ -378,17 +379,19 @@ class _Plan:
         self.centers = [part.reshape(-1, part.shape[-1]).mean(0) for part in query]
         direct_rows, direct_squares = self._direct_rows(query, split=False)
         direct = direct_rows[:, :-4]
-        self.direct = _query_operand(direct, dtype)
-        centred = [part - center for part, center, native in zip(query, self.centers, self.native) if native]
-        self.factored = [(_query_operand(part.reshape(-1, part.shape[-1]), torch.float32), tuple(part.shape[:2]))
-                         for part in centred]
+        self.direct = _query_operand(direct, direct_squares, dtype)
+        # The native levels' own pixels, centred and measured as gallery() does the gallery's.
+        natives = [(_stacked_rows([part], [center], tuple(part.shape[:2])), tuple(part.shape[:2]))
+                   for part, center, native in zip(query, self.centers, self.native) if native]
+        self.factored = [(_query_operand(rows[:, :-4], squares, torch.float32), grid)
+                         for (rows, squares), grid in natives]
         # The native levels' products, interpolated over the query grid, are written here for
         # each gallery image in turn (a fresh block would cost a page fault per 4 KiB).
         self._coarse: torch.Tensor | None = None
         # What tolerance() needs from the query side: norms of the direct rows, and a bound on the
         # whole pixel's (a native level's largest pixel stands for the taps it is mixed from).
         self._direct_norms = direct_squares.sqrt()
-        self._norms = (direct_squares + sum(float(part.pow(2).sum(-1).max()) for part in centred)).sqrt()
+        self._norms = (direct_squares + sum(float(squares.max()) for (_, squares), _ in natives)).sqrt()
         # The longest inner dimension of a float32 (or float32-accumulated) product.
         self._inner = 4 + max([direct.shape[1]] + [c for c, native in zip(self.channels, self.native) if native])
         self._spread = sum((fused.mix_spread(part, _level_taps(tuple(part.shape[:2]), self.size), self.size)
@@ -478,11 +481,11 @@ def _onednn_float32() -> bool:
         return False
 
 
-def _query_operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[-2 x, |x|^2 hi, lo, 1, 1]``: times a gallery row ``[g, 1, 1, |g|^2 hi, lo]``
-    (:func:`anomaly.fused.gallery_rows`) it is |q|^2 + |g|^2 - 2 q.g, so the squared distance itself
-    comes out of the product, with the norms kept to twice the precision of ``dtype``."""
-    norms = x.pow(2).sum(1)
+def _query_operand(x: torch.Tensor, norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[-2 x, |x|^2 hi, lo, 1, 1]`` for rows x and their squared ``norms`` (as
+    :func:`anomaly.fused.gallery_rows` returns both): times a gallery row ``[g, 1, 1, |g|^2 hi, lo]``
+    it is |q|^2 + |g|^2 - 2 q.g, so the squared distance itself comes out of the product, with the
+    norms kept to twice the precision of ``dtype``."""
     hi = norms.to(dtype)
     halves = torch.stack([hi, (norms - hi.float()).to(dtype)], 1)
     return torch.cat([(-2.0 * x).to(dtype), halves, torch.ones(len(x), 2, dtype=dtype)], 1)
