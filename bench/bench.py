@@ -9,8 +9,9 @@ Sections (``--section``, repeatable; default all but ``bank5000``):
                  pixels stacked from the bank's levels, then torch.cdist of all query pixels
                  against the whole gallery, then the minimum) and one faiss.knn call per image on
                  the same stacked pixels, against the library's search with float32 and bfloat16
-                 ranking, which reads the same levels; the stacking is also reported apart; achieved FLOP/s against this machine's own matrix-multiply throughput
-                 measured in the same run; how often the two rankings' distances differ at all.
+                 ranking, which reads the same levels; the stacking is also reported apart;
+                 achieved FLOP/s against this machine's own matrix-multiply throughput measured
+                 in the same run; how often the two rankings' distances differ at all.
 * ``accuracy``   pixel ROC AUC / PRO (and image ROC AUC) with float32 and with bfloat16 ranking
                  over the whole test set, and how far their maps differ.
 * ``throughput`` bank building and image-level scoring in images/s against the backbone's bare
@@ -235,11 +236,11 @@ def section_pixel(args) -> None:
           ["path", "s / image", "x naive", "x naive's cdist + min alone", "x faiss", "nominal GFLOP/s",
            "executed GFLOP/s", "nominal / executed of the matmul peak", "max |d - naive| / naive"], rows)
     ratios = total["naive"] / np.array(seconds[default])
+    alone = np.array(seconds["naive"]) / np.array(seconds[default])
     print(f"Stacking the query's and the K images' pixels from the bank's levels (stack_pyramid) takes "
           f"{np.median(stack):.3f} s of the naive reference's {naive:.3f} s per image; the rest is torch.cdist + min "
           f"({cdist_only:.3f} s). Speed-up of {default} per image {ratios.min():.1f}x-{ratios.max():.1f}x "
-          f"({(np.array(seconds['naive']) / np.array(seconds[default])).min():.1f}x-"
-          f"{(np.array(seconds['naive']) / np.array(seconds[default])).max():.1f}x against cdist + min alone).")
+          f"({alone.min():.1f}x-{alone.max():.1f}x against cdist + min alone).")
     print(f"Matmul peak here, (3136x1024) @ (1024x3136): fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{rates['bf16'] / 1e9:.0f} GFLOP/s. Nominal = 2*P*G*C = {nominal / 1e12:.2f} TFLOP per image; the search "
           f"executes {gemm_flops(channels, grids, images, 'fp32')[1] / 1e12:.2f} (fp32) and "
