@@ -98,7 +98,8 @@ class Tolerance:
 
 
 def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: Minima,
-           kth: torch.Tensor | None, within: torch.Tensor, tolerance: Tolerance) -> tuple[torch.Tensor, ...]:
+           kth: torch.Tensor | None, within: torch.Tensor, tolerance: Tolerance,
+           exact: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, ...]:
     """The entries that may still be among their query's nearest, from the chunks of
     :func:`chunk_minima`; the same sums, term by term in the same order.
 
@@ -106,10 +107,16 @@ def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: 
     lowered in place to the upper end of ``kth``: the kappa-th smallest chunk minimum (+inf where
     there are fewer), or None for the smallest. Returns (lower ends, upper ends, query columns,
     gallery pixels) of the entries whose lower end is within it.
+
+    With ``exact`` (all query rows (P, C) and the gallery's rows (H * W, >= C), float32), ``product``
+    is only a lower bound of the finest-grid part: an entry that passes has that part recomputed as
+    ``sum((q - g)^2)`` over those C columns, and then is tested as any other.
     """
-    found = _screen(_as_numpy(product), *terms.arrays(), start, chunk, minima.values.numpy(), minima.hits,
-                    (minima.smallest if kth is None else kth).numpy(), within.numpy(), tolerance.offset,
-                    tolerance.slack, np.float32(tolerance.roundoff))
+    query_rows, gallery_rows = (_NO_ROWS, _NO_ROWS) if exact is None else exact
+    with _team():
+        found = _screen(_as_numpy(product), *terms.arrays(), start, chunk, minima.values.numpy(), minima.hits,
+                        (minima.smallest if kth is None else kth).numpy(), within.numpy(), tolerance.offset,
+                        tolerance.slack, np.float32(tolerance.roundoff), query_rows, gallery_rows)
     return tuple(torch.from_numpy(array) for array in found)
 
 
@@ -166,6 +173,14 @@ def gallery_rows(levels: list[torch.Tensor], centers: list[torch.Tensor], taps: 
     return torch.from_numpy(out), torch.from_numpy(norms)
 
 
+def fill_norm_columns(rows: torch.Tensor, split: bool) -> torch.Tensor:
+    """Write ``[1, 1, hi, lo]`` into the last four columns of (N, C + 4) float32 ``rows``, for the squared
+    norm ``hi + lo`` of the first C, as :func:`gallery_rows` does; returns ``rows``."""
+    values = rows.numpy()
+    _norm_columns(_row_norms(values, values.shape[1] - 4), split, values.shape[1] - 4, values)
+    return rows
+
+
 def mix_spread(level: torch.Tensor, taps: tuple[np.ndarray, ...], size: tuple[int, int]) -> torch.Tensor:
     """(H * W,) per pixel of the (H, W) grid, sum_t w_t |b_t|^2 - |sum_t w_t b_t|^2 over its four taps b_t
     on the (h, w, C) level: how much interpolating squared distances overshoots the distance to the
@@ -182,6 +197,8 @@ def _level_values(level: torch.Tensor) -> np.ndarray:
     return level.numpy().view(np.uint16) if level.dtype == torch.float16 else level.float().numpy()
 
 
+# A typed stand-in for screen's rows when its product is the entries themselves.
+_NO_ROWS = np.zeros((0, 0), np.float32)
 # Typed stand-ins for the rows' and columns' taps of a level read as it is (the loop never touches them).
 _NO_TAPS = ((np.zeros(1, np.int64),) * 2 + (np.zeros(1, np.float32),) * 2) * 2
 
@@ -336,13 +353,14 @@ def _mix_down(coarse, top, bottom, a0, a1, start, out):
             target[p] = a0 * upper[p] + a1 * lower[p]
 
 
-@_compiled(**_FLAGS)
+@_compiled(parallel=True, **_FLAGS)
 def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, minima, hits, kth,
-            within, offset, slack, roundoff):
+            within, offset, slack, roundoff, query_rows, gallery_rows):
     """Lower ``within``, then scan the chunks with hits for minima that pass (about one chunk per query,
-    so 64 queries at a time are first counted), and form their entries one by one."""
+    so 64 queries at a time are first counted), and form their entries, a chunk's in turn (on the
+    thread team where there are many), kept in the order of the scan."""
     count = minima.shape[1]
-    grow, shrink = np.float32(1) + roundoff, np.float32(1) - roundoff
+    shrink = np.float32(1) - roundoff
     for p in range(count):
         within[p] = min(within[p], (kth[p] - offset[p] + slack[p]) / shrink)
     reach = _reach(within, offset, slack, roundoff)
@@ -366,30 +384,87 @@ def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, sprea
             if row[p] <= reach[p]:
                 flat[passed] = c * count + p
                 passed += 1
+    # Each passing (chunk, query) writes its entries into its own slots, then they close up.
     lower, upper = np.empty(passed * chunk, np.float32), np.empty(passed * chunk, np.float32)
     columns, pixels = np.empty(passed * chunk, np.int64), np.empty(passed * chunk, np.int64)
-    found, width = 0, cols.shape[1]
-    runs = (width + chunk - 1) // chunk
+    kept = np.empty(passed, np.int64)
+    if passed < _PARALLEL_PAIRS:
+        for i in range(passed):
+            kept[i] = _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread, start, chunk,
+                                    flat[i], within, reach, offset, slack, roundoff, query_rows, gallery_rows, lower,
+                                    upper, columns, pixels, i * chunk)
+    else:
+        for i in numba.prange(passed):
+            kept[i] = _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread, start, chunk,
+                                    flat[i], within, reach, offset, slack, roundoff, query_rows, gallery_rows, lower,
+                                    upper, columns, pixels, i * chunk)
+    found = 0
     for i in range(passed):
-        c, p = flat[i] // count, flat[i] % count
-        y, first = c // runs, (c % runs) * chunk
-        for x in range(first, min(first + chunk, width)):
-            g = y * width + x
-            value = _widen(product[g, p])
-            for k in range(rows.shape[0]):
-                a0, a1, b0, b1 = row_weights[k, y, 0], row_weights[k, y, 1], col_weights[k, x, 0], col_weights[k, x, 1]
-                top, bottom, q = rows[k, y, 0], rows[k, y, 1], start + p
-                m0 = a0 * coarse[top + cols[k, x, 0], q] + a1 * coarse[bottom + cols[k, x, 0], q]
-                m1 = a0 * coarse[top + cols[k, x, 1], q] + a1 * coarse[bottom + cols[k, x, 1], q]
-                value = value + (b0 * m0 + b1 * m1)
-            value = value - spread[g]
-            if value <= reach[p]:
-                low = (value - offset[p] - slack[p]) / grow
-                if low <= within[p]:
-                    lower[found], upper[found] = low, (value - offset[p] + slack[p]) / shrink
-                    columns[found], pixels[found] = p, g
-                    found += 1
+        for j in range(i * chunk, i * chunk + kept[i]):
+            lower[found], upper[found], columns[found], pixels[found] = lower[j], upper[j], columns[j], pixels[j]
+            found += 1
     return lower[:found], upper[:found], columns[:found], pixels[:found]
+
+
+# Below this many passing (chunk, query) pairs, screen forms their entries on one thread: starting the
+# team would cost more.
+_PARALLEL_PAIRS = 64
+
+
+@_compiled(inline="always", **_FLAGS)
+def _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread, start, chunk, pair, within, reach,
+                  offset, slack, roundoff, query_rows, gallery_rows, lower, upper, columns, pixels, slot):
+    """The entries of one passing (chunk, query) ``pair`` (chunk * P_t + query column) whose lower end is
+    within their query's bound, written from ``slot`` on; returns how many."""
+    count, width = within.shape[0], cols.shape[1]
+    grow, shrink = np.float32(1) + roundoff, np.float32(1) - roundoff
+    runs = (width + chunk - 1) // chunk
+    c, p = pair // count, pair % count
+    y, first = c // runs, (c % runs) * chunk
+    found = slot
+    for x in range(first, min(first + chunk, width)):
+        g = y * width + x
+        value = _entry(_widen(product[g, p]), coarse, rows, row_weights, cols, col_weights, spread, y, x, g, start + p)
+        if query_rows.shape[1] > 0 and value <= reach[p]:  # the product was a bound: the finest grid exactly
+            value = _entry(_squared_distance(query_rows[start + p], gallery_rows[g]), coarse, rows, row_weights, cols,
+                           col_weights, spread, y, x, g, start + p)
+        if value <= reach[p]:
+            low = (value - offset[p] - slack[p]) / grow
+            if low <= within[p]:
+                lower[found], upper[found] = low, (value - offset[p] + slack[p]) / shrink
+                columns[found], pixels[found] = p, g
+                found += 1
+    return found - slot
+
+
+@_compiled(inline="always", **_FLAGS)
+def _entry(base, coarse, rows, row_weights, cols, col_weights, spread, y, x, g, q):
+    """``base`` plus the native levels' mixed products at gallery pixel g = (y, x) and query column q,
+    level by level, less the spread: the sums of :func:`_chunk_minima` in its order."""
+    value = base
+    for k in range(rows.shape[0]):
+        a0, a1, b0, b1 = row_weights[k, y, 0], row_weights[k, y, 1], col_weights[k, x, 0], col_weights[k, x, 1]
+        top, bottom = rows[k, y, 0], rows[k, y, 1]
+        m0 = a0 * coarse[top + cols[k, x, 0], q] + a1 * coarse[bottom + cols[k, x, 0], q]
+        m1 = a0 * coarse[top + cols[k, x, 1], q] + a1 * coarse[bottom + cols[k, x, 1], q]
+        value = value + (b0 * m0 + b1 * m1)
+    return value - spread[g]
+
+
+@_compiled(inline="always", **_FLAGS)
+def _squared_distance(query, gallery):
+    """sum((query - gallery)^2) over the query's columns, in float32: four running sums, as one
+    long chain of additions would wait on each one's latency."""
+    t0, t1, t2, t3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+    columns = query.shape[0]
+    for c in range(0, columns - columns % 4, 4):
+        g0, g1, g2, g3 = query[c] - gallery[c], query[c + 1] - gallery[c + 1], query[c + 2] - gallery[c + 2], \
+            query[c + 3] - gallery[c + 3]
+        t0, t1, t2, t3 = t0 + g0 * g0, t1 + g1 * g1, t2 + g2 * g2, t3 + g3 * g3
+    for c in range(columns - columns % 4, columns):
+        gap = query[c] - gallery[c]
+        t0 += gap * gap
+    return (t0 + t1) + (t2 + t3)
 
 
 @_compiled(**_FLAGS)
@@ -501,6 +576,15 @@ def _centred_rows(level, half, center, interpolate, first_y, second_y, weight_fi
                 out[m, column + c] = value
                 total += value * value
         norms[m] += total
+
+
+@_compiled(**_FLAGS)
+def _row_norms(rows, columns):
+    norms = np.zeros(rows.shape[0], np.float32)
+    for m in range(rows.shape[0]):
+        for c in range(columns):
+            norms[m] += rows[m, c] * rows[m, c]
+    return norms
 
 
 @_compiled(**_FLAGS)

@@ -155,14 +155,35 @@ def stacked_pixels(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbo
     return rows(stack_pyramid([level[None] for level in query])), rows(gallery)
 
 
-def gemm_flops(channels: list[int], grids: list[tuple[int, int]], images: int, precision: str) -> tuple[float, float]:
-    """(nominal, executed) multiply-add FLOPs per query image. Nominal: every stacked query pixel
-    against every stacked gallery pixel. Executed: thick coarse levels go native on both sides."""
+def nominal_flops(channels: list[int], grids: list[tuple[int, int]], images: int) -> float:
+    """Multiply-add FLOPs of every stacked query pixel against every stacked gallery pixel."""
     pixels = grids[0][0] * grids[0][1]
-    native = [level > 0 and c >= search.FACTOR_MIN_CHANNELS[precision] for level, c in enumerate(channels)]
-    direct = sum(c for c, n in zip(channels, native) if not n) + 4
-    coarse = sum((c + 4) * (h * w) ** 2 for c, (h, w), n in zip(channels, grids, native) if n)
-    return 2.0 * images * pixels**2 * sum(channels), 2.0 * images * (pixels**2 * direct + coarse)
+    return 2.0 * images * pixels**2 * sum(channels)
+
+
+def executed_work(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbours: np.ndarray, kappa: int,
+                  precision: str) -> tuple[float, float]:
+    """(multiply-add FLOPs of the matrix products one search runs, share of its blocks multiplied by the
+    bound), counted in an untimed run. The products: the finest-grid ones, full or bounded as the search
+    chooses per block, the native levels' products and their interpolation, and the bound's projections."""
+    flops, blocks = [0.0], []
+    multiply, distances = search._matmul, search._Plan.distances
+
+    def counting(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        flops[0] += 2.0 * a.shape[0] * b.shape[0] * a.shape[1]
+        return multiply(a, b)
+
+    def recording(plan, *args, **kwargs):
+        block = distances(plan, *args, **kwargs)
+        blocks.append(block.exact is not None)
+        return block
+
+    search._matmul, search._Plan.distances = counting, recording
+    try:
+        search.pyramid_knn(query, pyramid, neighbours, kappa, precision)
+    finally:
+        search._matmul, search._Plan.distances = multiply, distances
+    return flops[0], float(np.mean(blocks))
 
 
 # ---- sections ---------------------------------------------------------------------------
@@ -188,6 +209,8 @@ def section_pixel(args) -> None:
     seconds: dict[str, list[float]] = {name: [] for name in ["stack", *precisions]}
     gaps, rates = {name: 0.0 for name in precisions if name != "naive"}, {}
     differ, bf16_gap = [], 0.0
+    executed: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    bounded: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for index, (query, neighbours) in enumerate(cases):
         out: dict[str, torch.Tensor] = {}
         # Every path starts from the query's levels and the bank: the search reads the K images'
@@ -208,6 +231,10 @@ def section_pixel(args) -> None:
             gaps[name] = max(gaps[name], float(relative.max()))
         differ.append(float((out["bf16"] != out["fp32"]).float().mean()))
         bf16_gap = max(bf16_gap, float(((out["bf16"] - out["fp32"]).abs() / out["fp32"].clamp_min(1e-12)).max()))
+        for name in ("fp32", "bf16"):
+            flops, share = executed_work(query, bank.pyramid, neighbours, args.kappa, precisions[name])
+            executed[name].append(flops)
+            bounded[name].append(share)
         if index == 0:  # the machine's own matrix-multiply throughput, in the same run
             rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     images = len(cases[0][1])
@@ -224,8 +251,8 @@ def section_pixel(args) -> None:
     for name, label in labels.items():
         t, precision = float(np.median(total[name])), precisions[name]
         compute = float(np.median(seconds[name]))  # a reference's FLOP/s count its search only
-        nominal, executed = gemm_flops(channels, grids, images, precision)
-        flops = executed if name in ("fp32", "bf16") else nominal
+        nominal = nominal_flops(channels, grids, images)
+        flops = float(np.median(executed[name])) if name in executed else nominal
         rows.append([label, t, naive / t, cdist_only / t, faiss_time / t, nominal / compute / 1e9,
                      flops / compute / 1e9,
                      f"{nominal / compute / rates[precision]:.0%} / {flops / compute / rates[precision]:.0%} of {precision}",
@@ -243,9 +270,10 @@ def section_pixel(args) -> None:
           f"({alone.min():.1f}x-{alone.max():.1f}x against cdist + min alone).")
     print(f"Matmul peak here, (3136x1024) @ (1024x3136): fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{rates['bf16'] / 1e9:.0f} GFLOP/s. Nominal = 2*P*G*C = {nominal / 1e12:.2f} TFLOP per image; the search "
-          f"executes {gemm_flops(channels, grids, images, 'fp32')[1] / 1e12:.2f} (fp32) and "
-          f"{gemm_flops(channels, grids, images, 'bf16')[1] / 1e12:.2f} (bf16): levels with at least "
-          f"{search.FACTOR_MIN_CHANNELS} channels are multiplied at native resolution. bf16 against fp32 ranking: "
+          f"executes {np.median(executed['fp32']) / 1e12:.3f} (fp32) and {np.median(executed['bf16']) / 1e12:.3f} "
+          f"(bf16): levels with at least {search.FACTOR_MIN_CHANNELS} channels are multiplied at native "
+          f"resolution, and {np.mean(bounded['fp32']):.0%} (fp32) and {np.mean(bounded['bf16']):.0%} (bf16) of the "
+          f"finest-grid products are the rank-{search.BOUND_RANK} bound. bf16 against fp32 ranking: "
           f"{np.mean(differ):.4%} of pixel distances differ at all, by at most {bf16_gap:.2g} (relative).")
 
 

@@ -119,6 +119,36 @@ def test_screen_brackets_each_entry_by_its_tolerance():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grids", [(), ((5, 4),)])
+def test_screen_makes_a_bounded_product_exact(grids):
+    """With ``exact`` rows the product is only a lower bound of the finest-grid distances: the entries
+    that pass are formed again from sum((q - g)^2) over the query's columns (the gallery rows' last
+    four, norm columns, are not read), and exactly those within the bound come back."""
+    rng = np.random.default_rng(6)
+    size, start, chunk = (9, 11), 11, 4
+    terms = random_terms(rng, size, grids, 40)
+    query_rows = rng.normal(size=(40, 5)).astype(np.float32)
+    gallery_rows = np.concatenate([rng.normal(size=(99, 5)), np.full((99, 4), 1e6)], 1).astype(np.float32)
+    direct = ((gallery_rows[:, None, :5].astype(np.float64) - query_rows[None, start : start + 23]) ** 2).sum(-1)
+    want = reference(torch.from_numpy(direct), terms, start, grids)
+    bound = torch.from_numpy((direct * rng.uniform(0.3, 1.0, direct.shape)).astype(np.float32))
+    exact = (query_rows, gallery_rows)
+
+    infinite = torch.full((23,), np.inf)
+    minima = fused.chunk_minima(bound, terms, start, chunk, infinite, EXACT)
+    lower, upper, columns, rows = fused.screen(bound, terms, start, chunk, minima, infinite, infinite.clone(), EXACT,
+                                               exact)
+    assert len(lower) == want.size
+    np.testing.assert_allclose(lower.numpy(), want[rows.numpy(), columns.numpy()], rtol=1e-5, atol=1e-5)
+
+    within = torch.from_numpy(np.quantile(want, 0.05, axis=0).astype(np.float32))
+    minima = fused.chunk_minima(bound, terms, start, chunk, within, EXACT)
+    lower, _, columns, rows = fused.screen(bound, terms, start, chunk, minima, infinite, within.clone(), EXACT, exact)
+    kept = want <= within.numpy()
+    assert len(lower) == int(kept.sum()) > 0
+    assert kept[rows.numpy(), columns.numpy()].all()
+
+
 def test_bfloat16_products_are_widened_exactly():
     values = torch.tensor([[1.0, -2.5, 3.0e-3, 6.5e4, 0.0, -0.0, float("inf"), 1.0e-38]]).to(torch.bfloat16)
     terms = fused.Terms(np.zeros((0, 8), np.float32), *search._native_taps((), (1, 1)), np.zeros(1, np.float32))
@@ -185,6 +215,16 @@ def test_gallery_rows_are_the_centred_stacked_pixels_and_their_norms(dtype, spli
     hi, lo = rows[:, 10], rows[:, 11]
     np.testing.assert_array_equal((hi + lo).numpy(), norms.numpy())
     np.testing.assert_array_equal(hi.numpy(), norms.to(torch.bfloat16).float().numpy() if split else norms.numpy())
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_norm_columns_filled_in_place_as_gallery_rows_forms_them(split):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(50, 6)).astype(np.float32) * 3
+    rows = torch.from_numpy(np.concatenate([x, np.full((50, 4), np.nan, np.float32)], 1))
+    assert fused.fill_norm_columns(rows, split) is rows
+    want, _ = fused.gallery_rows([torch.from_numpy(x)[None]], [torch.zeros(6)], [None], (1, 50), split)
+    np.testing.assert_array_equal(rows.numpy(), want.numpy())
 
 
 def test_norms_split_at_bfloat16_ties_round_to_even():

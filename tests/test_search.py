@@ -31,9 +31,32 @@ def stacked_pixels(levels: list[np.ndarray]) -> np.ndarray:
     return stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1]).numpy()
 
 
+@pytest.fixture(params=["full", "bounded"])
+def products(request, monkeypatch):
+    """Both kinds of finest-grid product: the full one, and the lower bound that the screen makes exact
+    entry by entry, here forced for every block after a tile's first (a rank-2 projection, far looser
+    than the real one, so many entries are recomputed). Checks that bounded blocks were screened."""
+    screened = []
+    if request.param == "bounded":
+        monkeypatch.setattr(search, "BOUND_RANK", 2)
+        monkeypatch.setattr(search, "BOUND_MIN_CHANNELS", 3)
+        monkeypatch.setattr(search, "BOUND_BELOW", 2.0)
+        monkeypatch.setattr(search, "GALLERY_TILE", 8)  # flat galleries in several blocks
+        screen = fused.screen
+
+        def spy(*args):
+            screened.append(args[8] is not None)
+            return screen(*args)
+
+        monkeypatch.setattr(fused, "screen", spy)
+    yield request.param
+    if request.param == "bounded":
+        assert any(screened), "no bounded block was screened"
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kappa", [1, 3])
-def test_pixel_knn_matches_brute_force(precision, kappa, monkeypatch):
+def test_pixel_knn_matches_brute_force(precision, kappa, products, monkeypatch):
     monkeypatch.setattr(search, "GALLERY_TILE", 37)  # several tiles, one ragged, short last chunks
     monkeypatch.setattr(search, "QUERY_TILE", 50)
     rng = np.random.default_rng(0)
@@ -47,7 +70,8 @@ def test_pixel_knn_matches_brute_force(precision, kappa, monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("factor_min_channels", [8, 1000])  # coarse levels at native resolution, or upsampled
 @pytest.mark.parametrize("size", [(16, 12), (15, 9)])
-def test_pyramid_knn_equals_search_of_the_upsampled_gallery(precision, factor_min_channels, size, monkeypatch):
+def test_pyramid_knn_equals_search_of_the_upsampled_gallery(precision, factor_min_channels, size, products,
+                                                             monkeypatch):
     monkeypatch.setattr(search, "FACTOR_MIN_CHANNELS", {"fp32": factor_min_channels, "bf16": factor_min_channels})
     monkeypatch.setattr(search, "QUERY_TILE", 70)
     rng = np.random.default_rng(1)
@@ -61,7 +85,7 @@ def test_pyramid_knn_equals_search_of_the_upsampled_gallery(precision, factor_mi
 
 
 @pytest.mark.parametrize("native_from", [8, 1000])
-def test_pyramid_knn_finds_each_image_in_itself(native_from, monkeypatch):
+def test_pyramid_knn_finds_each_image_in_itself(native_from, products, monkeypatch):
     """Every pixel of a bank image is at distance 0 from itself, however it was interpolated."""
     monkeypatch.setattr(search, "FACTOR_MIN_CHANNELS", {"fp32": native_from, "bf16": native_from})
     rng = np.random.default_rng(2)
@@ -97,7 +121,7 @@ def test_kappa_beyond_a_tile_and_beyond_the_gallery(monkeypatch):
     assert torch.isinf(small[:, 3:]).all()  # fewer gallery pixels than kappa: the rest are infinitely far
 
 
-def test_pixel_knn_exact_on_duplicates_and_zero_distance():
+def test_pixel_knn_exact_on_duplicates_and_zero_distance(products):
     gallery = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)
     for precision in ("fp32", "bf16"):
         got = search.pixel_knn(torch.from_numpy(np.eye(4, dtype=np.float32)), [torch.from_numpy(gallery)], 2, precision)
@@ -105,7 +129,7 @@ def test_pixel_knn_exact_on_duplicates_and_zero_distance():
 
 
 @pytest.mark.parametrize("kappa", [1, 3])
-def test_bf16_ranking_still_finds_neighbours_closer_than_its_rounding(kappa):
+def test_bf16_ranking_still_finds_neighbours_closer_than_its_rounding(kappa, products):
     """Gallery rows whose distances differ by far less than bfloat16 resolves (0.4 % of the norms):
     the error bound keeps every one that might be nearest, and the exact recompute picks it."""
     rng = np.random.default_rng(7)
@@ -120,7 +144,7 @@ def test_bf16_ranking_still_finds_neighbours_closer_than_its_rounding(kappa):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_ranking_finds_neighbours_closer_than_float32_resolves_far_from_the_centre(precision):
+def test_ranking_finds_neighbours_closer_than_float32_resolves_far_from_the_centre(precision, products):
     """Queries far from their mean (norms about 1,000 after centring) with neighbours at distances
     1 + i * 1e-3: a float32 ranking distance |q|^2 + |g|^2 - 2 q.g rounds by more than those gaps
     (ulp(1e6) = 0.06), so its error bound must keep them all for the exact recompute to pick the nearest."""
@@ -135,7 +159,7 @@ def test_ranking_finds_neighbours_closer_than_float32_resolves_far_from_the_cent
     np.testing.assert_allclose(got.numpy(), want, rtol=2e-4)
 
 
-def test_ties_return_the_tied_distance():
+def test_ties_return_the_tied_distance(products):
     """Many gallery rows at exactly the same distance: any of them is a correct neighbour."""
     gallery = np.zeros((200, 3), np.float32)
     gallery[:, 0] = np.tile([1.0, -1.0], 100)
@@ -181,6 +205,21 @@ def test_pixel_knn_rejects_bad_kappa_precision_and_channels():
         search.pixel_knn(q, [q], precision="fp8")
     with pytest.raises(ValueError, match="channels"):
         search.pixel_knn(q, [torch.zeros(2, 4)])
+
+
+def test_principal_directions_never_lengthen_a_projection():
+    """The bound needs |B^T x| <= |x| for every x, rounding included: orthonormal rows, shrunk."""
+    rng = np.random.default_rng(9)
+    rows = torch.from_numpy((rng.normal(size=(500, 12)) * np.linspace(5, 0.1, 12)).astype(np.float32))
+    basis = search._principal_directions(rows - rows.mean(0), 4)
+    assert basis.shape == (8, 16)
+    assert (basis[4:] == 0).all() and (basis[:, 12:] == 0).all()  # room for the norm columns
+    directions = basis[:4, :12].double()
+    np.testing.assert_allclose((directions @ directions.T).numpy(), np.eye(4) * (1 - 2.0**-12) ** 2, atol=1e-6)
+    # the leading principal axes of these rows are the first coordinates
+    np.testing.assert_allclose(directions.abs().argmax(1).sort().values.numpy(), [0, 1, 2, 3])
+    x = torch.from_numpy(rng.normal(size=(2000, 12)).astype(np.float32))
+    assert ((x @ basis[:4, :12].T).pow(2).sum(1) <= x.pow(2).sum(1)).all()
 
 
 def test_knn_and_index_agree_with_brute_force():
