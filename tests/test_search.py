@@ -31,27 +31,37 @@ def stacked_pixels(levels: list[np.ndarray]) -> np.ndarray:
     return stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1]).numpy()
 
 
-@pytest.fixture(params=["full", "bounded"])
+@pytest.fixture(params=["full", "bounded", "bound given up"])
 def products(request, monkeypatch):
-    """Both kinds of finest-grid product: the full one, and the lower bound that the screen makes exact
+    """Every kind of finest-grid product: the full one; the lower bound that the screen makes exact
     entry by entry, here forced for every block after a tile's first (a rank-2 projection, far looser
-    than the real one, so many entries are recomputed). Checks that bounded blocks were screened."""
-    screened = []
-    if request.param == "bounded":
+    than the real one, so many entries are recomputed); and the bound tried, found to let too much
+    through, and the block multiplied again in full. Checks that each kind was run."""
+    bounded, screened = [], []
+    if request.param != "full":
         monkeypatch.setattr(search, "BOUND_RANK", 2)
         monkeypatch.setattr(search, "BOUND_MIN_CHANNELS", 3)
+        monkeypatch.setattr(search, "BOUND_MIN_KEPT", 0.0)
         monkeypatch.setattr(search, "BOUND_BELOW", 2.0)
+        monkeypatch.setattr(search, "BOUND_GIVE_UP", 2.0 if request.param == "bounded" else -1.0)
         monkeypatch.setattr(search, "GALLERY_TILE", 8)  # flat galleries in several blocks
-        screen = fused.screen
+        distances, screen = search._Plan.distances, fused.screen
 
-        def spy(*args):
+        def distances_spy(*args):
+            block = distances(*args)
+            bounded.append(block.exact is not None)
+            return block
+
+        def screen_spy(*args):
             screened.append(args[8] is not None)
             return screen(*args)
 
-        monkeypatch.setattr(fused, "screen", spy)
+        monkeypatch.setattr(search._Plan, "distances", distances_spy)
+        monkeypatch.setattr(fused, "screen", screen_spy)
     yield request.param
-    if request.param == "bounded":
-        assert any(screened), "no bounded block was screened"
+    if request.param != "full":
+        assert any(bounded), "no bounded block was multiplied"
+        assert any(screened) == (request.param == "bounded"), screened
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -211,7 +221,10 @@ def test_principal_directions_never_lengthen_a_projection():
     """The bound needs |B^T x| <= |x| for every x, rounding included: orthonormal rows, shrunk."""
     rng = np.random.default_rng(9)
     rows = torch.from_numpy((rng.normal(size=(500, 12)) * np.linspace(5, 0.1, 12)).astype(np.float32))
-    basis = search._principal_directions(rows - rows.mean(0), 4)
+    centred = rows - rows.mean(0)
+    basis, kept = search._principal_directions(centred, 4)
+    variances = centred.double().pow(2).sum(0).sort(descending=True).values
+    assert kept == pytest.approx(float(variances[:4].sum() / variances.sum()), rel=0.02)
     assert basis.shape == (8, 16)
     assert (basis[4:] == 0).all() and (basis[:, 12:] == 0).all()  # room for the norm columns
     directions = basis[:4, :12].double()
@@ -220,6 +233,15 @@ def test_principal_directions_never_lengthen_a_projection():
     np.testing.assert_allclose(directions.abs().argmax(1).sort().values.numpy(), [0, 1, 2, 3])
     x = torch.from_numpy(rng.normal(size=(2000, 12)).astype(np.float32))
     assert ((x @ basis[:4, :12].T).pow(2).sum(1) <= x.pow(2).sum(1)).all()
+
+
+def test_bound_only_where_its_directions_hold_most_of_the_spread():
+    rng = np.random.default_rng(10)
+    correlated = rng.normal(size=(40, 40, 4)) @ rng.normal(size=(4, 64)) + 0.05 * rng.normal(size=(40, 40, 64))
+    noise = rng.normal(size=(40, 40, 64))
+    for pixels, bounded in [(correlated, True), (noise, False)]:
+        plan = search._Plan([torch.from_numpy(pixels.astype(np.float32))], torch.float32, 1000)
+        assert (plan._basis is not None) == bounded
 
 
 def test_knn_and_index_agree_with_brute_force():
