@@ -370,8 +370,8 @@ def _native_taps(grids: tuple[tuple[int, int], ...], size: tuple[int, int]) -> t
 
 @dataclass
 class _GalleryImage:
-    direct: torch.Tensor  # (H * W, C_direct + 4) operand of the finest-grid product
-    rows: torch.Tensor  # (H * W, C_direct + 4) float32 rows it was rounded from, centred
+    direct: torch.Tensor | None  # (H * W, C_direct + 4) operand of the full finest-grid product, once used
+    rows: torch.Tensor  # (H * W, C_direct + 4) float32 rows it is rounded from, centred
     bound: torch.Tensor | None  # (H * W, BOUND_RANK + 4) operand of the bounded product, once used
     terms: fused.Terms  # what the native levels add to that product, less the interpolation spread
     size: tuple[int, int]  # finest grid (H, W)
@@ -447,8 +447,8 @@ class _Plan:
         self._coarse: torch.Tensor | None = None
         # What tolerance() needs from the query side: norms of the direct rows, and a bound on the
         # whole pixel's (a native level's largest pixel stands for the taps it is mixed from).
-        self._direct_norms = direct_squares.sqrt()
-        self._norms = (direct_squares + sum(float(squares.max()) for (_, squares), _ in natives)).sqrt()
+        self._direct_norms = direct_squares.sqrt().numpy()
+        self._norms = (direct_squares + sum(float(squares.max()) for (_, squares), _ in natives)).sqrt().numpy()
         # The longest inner dimension of a float32 (or float32-accumulated) product; a bound's are
         # two in turn (projecting the rows, then multiplying).
         self._inner = 4 + max([direct.shape[1]] + [c for c, native in zip(self.channels, self.native) if native])
@@ -480,8 +480,8 @@ class _Plan:
         terms = fused.Terms(self._coarse.numpy(), *_native_taps(grids, size), spread.numpy())
         stacked, norms = self._direct_rows(levels, split=self.dtype == torch.bfloat16)
         direct_squares = float(norms.max())
-        return _GalleryImage(stacked.to(self.dtype), stacked, None, terms, size,
-                             (direct_squares + native_squares) ** 0.5, direct_squares**0.5)
+        return _GalleryImage(None, stacked, None, terms, size, (direct_squares + native_squares) ** 0.5,
+                             direct_squares**0.5)
 
     def _direct_rows(self, levels: list[torch.Tensor], split: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`_stacked_rows` of the levels multiplied on the finest grid, centred on the query's
@@ -509,12 +509,12 @@ class _Plan:
         u^2 (|q|^2 + |g|^2); rounding the product itself, a distance, adds u of it.
         """
         spread = self._spread.numpy()
-        slack = (self._inner + 16) * FP32_ROUNDOFF * (self._norms + gallery.longest).pow(2)
+        slack = np.float32((self._inner + 16) * FP32_ROUNDOFF) * np.square(self._norms + np.float32(gallery.longest))
         if self.dtype == torch.float32:
-            return fused.Tolerance(spread, slack.numpy(), 0.0)
-        u, q, g = BF16_ROUNDOFF, self._direct_norms, gallery.longest_direct
-        operands = 2 * (2 * u + u * u) * q * g + u * u * (q.pow(2) + g * g)
-        return fused.Tolerance(spread, ((operands + slack) * (1 + u)).numpy(), u)
+            return fused.Tolerance(spread, slack, 0.0)
+        u, q, g = BF16_ROUNDOFF, self._direct_norms, np.float32(gallery.longest_direct)
+        operands = np.float32(2 * (2 * u + u * u)) * q * g + np.float32(u * u) * (np.square(q) + g * g)
+        return fused.Tolerance(spread, (operands + slack) * np.float32(1 + u), u)
 
     def distances(self, gallery: _GalleryImage, rows: slice, bounded: bool = False) -> _Block:
         """The ranking distances of query rows ``rows``: each is the squared distance, plus the
@@ -527,6 +527,8 @@ class _Plan:
                 gallery.bound = projected.to(self.dtype)
             return _Block(_matmul(gallery.bound, self._bound[rows]), gallery.terms, rows.start,
                           (self._rows, gallery.rows.numpy()))
+        if gallery.direct is None:
+            gallery.direct = gallery.rows.to(self.dtype)
         return _Block(_matmul(gallery.direct, self.direct[rows]), gallery.terms, rows.start)
 
 
@@ -555,8 +557,7 @@ def _principal_directions(rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
     so that no rounding makes a projection longer than its vector (the bound must hold), and padded
     with zeros: times a gallery row ``[g, 1, 1, hi, lo]`` it projects g and leaves four columns for
     the projection's norm."""
-    rows = rows.double()
-    values, vectors = torch.linalg.eigh(rows.T @ rows)  # ascending
+    values, vectors = torch.linalg.eigh((rows.T @ rows).double())  # ascending
     basis = torch.zeros(rank + 4, rows.shape[1] + 4)
     basis[:rank, : rows.shape[1]] = (vectors[:, -rank:] * (1 - 2.0**-12)).T.float()
     return basis, float(values[-rank:].sum() / values.sum().clamp_min(1e-300))
