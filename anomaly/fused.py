@@ -451,20 +451,15 @@ def _entry(base, coarse, rows, row_weights, cols, col_weights, spread, y, x, g, 
     return value - spread[g]
 
 
-@_compiled(inline="always", **_FLAGS)
+@_compiled(fastmath={"reassoc", "contract"}, **_FLAGS)
 def _squared_distance(query, gallery):
-    """sum((query - gallery)^2) over the query's columns, in float32: four running sums, as one
-    long chain of additions would wait on each one's latency."""
-    t0, t1, t2, t3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
-    columns = query.shape[0]
-    for c in range(0, columns - columns % 4, 4):
-        g0, g1, g2, g3 = query[c] - gallery[c], query[c + 1] - gallery[c + 1], query[c + 2] - gallery[c + 2], \
-            query[c + 3] - gallery[c + 3]
-        t0, t1, t2, t3 = t0 + g0 * g0, t1 + g1 * g1, t2 + g2 * g2, t3 + g3 * g3
-    for c in range(columns - columns % 4, columns):
+    """sum((query - gallery)^2) over the query's columns, in float32, summed in whatever order
+    vectorises (nothing needs its exact bits: the tolerances cover float32 sums in any order)."""
+    total = np.float32(0)
+    for c in range(query.shape[0]):
         gap = query[c] - gallery[c]
-        t0 += gap * gap
-    return (t0 + t1) + (t2 + t3)
+        total += gap * gap
+    return total
 
 
 @_compiled(**_FLAGS)
