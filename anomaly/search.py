@@ -224,21 +224,9 @@ class _Candidates:
         self._failures, self._wait = 0, 0  # times the bound let too many through; full blocks still to go
 
     def offer(self, distances: Callable[[bool], _Block], offset: int, tolerance: fused.Tolerance) -> None:
-        """Screen the block ``distances(bounded)``: the bounded product where this tile has settled."""
+        """Screen one gallery image's block, ``distances(bounded)``."""
         count = len(self.within)
-        block = distances(self._settled and self._wait == 0)
-        minima = block.chunk_minima(self.within, tolerance)
-        if block.exact is not None and minima.hits.sum() > BOUND_GIVE_UP * minima.values.numel():
-            # Screening that many would cost more than the bound saves (while the bounds are loose, or
-            # in features whose near pixels differ in many directions): this block again in full.
-            self._failures += 1
-            self._wait = 2**self._failures
-            block = distances(False)
-            minima = block.chunk_minima(self.within, tolerance)
-        elif block.exact is None:
-            self._wait = max(0, self._wait - 1)
-        if block.exact is None:
-            self._settled = minima.hits.sum() < BOUND_BELOW * minima.values.numel()
+        block, minima = self._multiply(distances, tolerance)
         # The kappa-th smallest entry of a block is at most its kappa-th smallest chunk minimum; a
         # bounded block's minima are lower bounds and say nothing of it.
         if block.exact is not None:
@@ -254,6 +242,26 @@ class _Candidates:
         self._size += len(upper)
         if self._size > 2 * self._merged_size + 8 * count * self.kappa:
             self._merge()
+
+    def _multiply(self, distances: Callable[[bool], _Block], tolerance: fused.Tolerance
+                  ) -> tuple[_Block, fused.Minima]:
+        """The block to screen and its chunk minima: the bound where this tile has settled, unless it
+        lets too much through; then this block again in full, and a wait before the next try."""
+        if self._settled and self._wait == 0:
+            block = distances(True)
+            minima = block.chunk_minima(self.within, tolerance)
+            if block.exact is None or minima.hits.sum() <= BOUND_GIVE_UP * minima.values.numel():
+                return block, minima
+            # Screening that many would cost more than the bound saves (while the bounds are loose,
+            # or in features whose near pixels differ in many directions).
+            self._failures += 1
+            self._wait = 2**self._failures
+        else:
+            self._wait = max(0, self._wait - 1)
+        block = distances(False)
+        minima = block.chunk_minima(self.within, tolerance)
+        self._settled = minima.hits.sum() < BOUND_BELOW * minima.values.numel()
+        return block, minima
 
     def _merge(self) -> None:
         """Sharpen ``within`` from all candidates and drop those that cannot come within it."""
