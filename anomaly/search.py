@@ -438,13 +438,14 @@ class _Plan:
         # Where those directions hold too little of the pixels' spread, near pixels differ in many more
         # (noise-like features), and the bound lets through too much to pay.
         self._rows = np.ascontiguousarray(direct.numpy())
-        self._basis = None
+        self._basis: torch.Tensor | None = None  # (BOUND_RANK + 4, C_direct + 4), as _principal_directions
+        self._bound: torch.Tensor | None = None  # the query side's operand of the bounded product
         if direct.shape[1] >= max(BOUND_MIN_CHANNELS, BOUND_RANK + 1):
             basis, kept = _principal_directions(direct, BOUND_RANK)
-            self._basis = basis if kept >= BOUND_MIN_KEPT else None
-        if self._basis is not None:
-            projected = direct @ self._basis[:-4, :-4].T
-            self._bound = _query_operand(projected, projected.pow(2).sum(1), dtype)
+            if kept >= BOUND_MIN_KEPT:
+                self._basis = basis
+                projected = _matmul(direct_rows, basis)[:, :-4]  # as distances() projects the gallery's
+                self._bound = _query_operand(projected, projected.pow(2).sum(1), dtype)
         # The native levels' own pixels, centred and measured as gallery() does the gallery's.
         natives = [(_stacked_rows([part], [center], tuple(part.shape[:2])), tuple(part.shape[:2]))
                    for part, center, native in zip(query, self.centers, self.native) if native]

@@ -245,13 +245,13 @@ def section_pixel(args) -> None:
         float(np.median(total["faiss"]))
     rows = []
     default = search.resolve_precision("auto")
+    nominal = nominal_flops(channels, grids, images)
     labels = {"naive": "naive: stack pixels, torch.cdist + min", "faiss": "stack pixels, faiss.knn",
               "fp32": "search, fp32 ranking" + " (default)" * (default == "fp32"),
               "bf16": "search, bf16 ranking" + " (default)" * (default == "bf16")}
     for name, label in labels.items():
         t, precision = float(np.median(total[name])), precisions[name]
         compute = float(np.median(seconds[name]))  # a reference's FLOP/s count its search only
-        nominal = nominal_flops(channels, grids, images)
         flops = float(np.median(executed[name])) if name in executed else nominal
         rows.append([label, t, naive / t, cdist_only / t, faiss_time / t, nominal / compute / 1e9,
                      flops / compute / 1e9,
