@@ -33,6 +33,8 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
+from anomaly import bf16dot
+
 
 @dataclass(frozen=True)
 class Terms:
@@ -64,21 +66,39 @@ class Minima:
     hits: np.ndarray  # (chunks,) how many of a chunk's minima were within reach of the bounds before the block
 
 
-def chunk_minima(product: torch.Tensor, terms: Terms, start: int, chunk: int, within: torch.Tensor,
+@dataclass(frozen=True)
+class PairProduct:
+    """A bfloat16 product that is never written out: the compiled passes form its entries where they use
+    them, with :mod:`anomaly.bf16dot` (where :func:`anomaly.bf16dot.supported`). Query columns are
+    ``start:start + count`` of the ones packed, as for a product (G, count)."""
+
+    gallery: np.ndarray  # (G + bf16dot.ROWS, pairs) int32: bf16dot.pairs of the gallery side
+    queries: np.ndarray  # (pairs, P + bf16dot.LANES) int32: bf16dot.pairs_by_column of every query of the search
+    count: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.gallery) - bf16dot.ROWS, self.count
+
+
+def chunk_minima(product: torch.Tensor | PairProduct, terms: Terms, start: int, chunk: int, within: torch.Tensor,
                  tolerance: "Tolerance") -> Minima:
     """(H * ceil(W / chunk), P_t) float32 minima of ranking distances over chunks of up to ``chunk``
     pixels of one gallery row (chunk c: row c // ceil(W / chunk), its (c % ceil(W / chunk))-th run);
-    ``product`` (H * W, P_t) is bfloat16 or float32, for query columns ``start:start + P_t``.
+    ``product`` (H * W, P_t) is bfloat16 or float32, or a :class:`PairProduct`, for query columns
+    ``start:start + P_t``.
     ``within`` (P_t,) and ``tolerance``, as :func:`screen` will take them, only count the hits: as
     :func:`screen` can only lower ``within``, a chunk without any cannot pass there."""
     height, width = terms.rows.shape[1], terms.cols.shape[1]
     minima = np.empty((height * -(-width // chunk), product.shape[1]), np.float32)
     hits = np.empty(len(minima), np.int32)
+    reach = _reach(within.numpy(), tolerance.offset, tolerance.slack, np.float32(tolerance.roundoff))
     with _team():
         smallest = np.full((numba.get_num_threads(), product.shape[1]), np.inf, np.float32)
-        _chunk_minima(_as_numpy(product), *terms.arrays(), start, chunk,
-                      _reach(within.numpy(), tolerance.offset, tolerance.slack, np.float32(tolerance.roundoff)),
-                      minima, hits, smallest)
+        if isinstance(product, PairProduct):
+            _pair_minima(product.gallery, product.queries, *terms.arrays(), start, chunk, reach, minima, hits, smallest)
+        else:
+            _chunk_minima(_as_numpy(product), *terms.arrays(), start, chunk, reach, minima, hits, smallest)
     return Minima(torch.from_numpy(minima), torch.from_numpy(smallest.min(0)), hits)
 
 
@@ -97,7 +117,7 @@ class Tolerance:
         return Tolerance(self.offset[rows], self.slack[rows], self.roundoff)
 
 
-def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: Minima,
+def screen(product: torch.Tensor | PairProduct, terms: Terms, start: int, chunk: int, minima: Minima,
            kth: torch.Tensor | None, within: torch.Tensor, tolerance: Tolerance,
            exact: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, ...]:
     """The entries that may still be among their query's nearest, from the chunks of
@@ -113,8 +133,9 @@ def screen(product: torch.Tensor, terms: Terms, start: int, chunk: int, minima: 
     ``sum((q - g)^2)`` over those C columns, and then is tested as any other.
     """
     query_rows, gallery_rows = (_NO_ROWS, _NO_ROWS) if exact is None else exact
+    product = _NO_PRODUCT if isinstance(product, PairProduct) else _as_numpy(product)
     with _team():
-        found = _screen(_as_numpy(product), *terms.arrays(), start, chunk, minima.values.numpy(), minima.hits,
+        found = _screen(product, *terms.arrays(), start, chunk, minima.values.numpy(), minima.hits,
                         (minima.smallest if kth is None else kth).numpy(), within.numpy(), tolerance.offset,
                         tolerance.slack, np.float32(tolerance.roundoff), query_rows, gallery_rows)
     return tuple(torch.from_numpy(array) for array in found)
@@ -197,8 +218,10 @@ def _level_values(level: torch.Tensor) -> np.ndarray:
     return level.numpy().view(np.uint16) if level.dtype == torch.float16 else level.float().numpy()
 
 
-# A typed stand-in for screen's rows when its product is the entries themselves.
+# Typed stand-ins for screen's rows when its product is the entries themselves, and for its product when it is
+# a PairProduct.
 _NO_ROWS = np.zeros((0, 0), np.float32)
+_NO_PRODUCT = np.zeros((0, 0), np.int16)
 # Typed stand-ins for the rows' and columns' taps of a level read as it is (the loop never touches them).
 _NO_TAPS = ((np.zeros(1, np.int64),) * 2 + (np.zeros(1, np.float32),) * 2) * 2
 
@@ -321,6 +344,51 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
             _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
 
 
+@_compiled(parallel=True, **_FLAGS)
+def _pair_minima(gallery, queries, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, reach,
+                 minima, hits, smallest):
+    """:func:`_chunk_minima` of a :class:`PairProduct`: per gallery row, the other terms of its entries summed
+    first (as :func:`_chunk_minima` sums them), then per chunk and LANES queries :func:`anomaly.bf16dot.tile`
+    adds the product to them and takes the minima."""
+    count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
+    lanes = bf16dot.LANES
+    runs = (width + chunk - 1) // chunk
+    offsets = np.zeros(levels + 1, np.int64)
+    for k in range(levels):
+        offsets[k + 1] = offsets[k] + widths[k]
+    for y in numba.prange(rows.shape[1]):
+        mixed = np.empty((offsets[levels], count), np.float32)
+        for k in range(levels):
+            _mix_down(coarse, rows[k, y, 0], rows[k, y, 1], row_weights[k, y, 0], row_weights[k, y, 1], start,
+                      mixed[offsets[k] : offsets[k + 1]])
+        # Rows past the chunk and columns past the queries are read by the tiles, never used.
+        terms = np.empty((bf16dot.ROWS, count + lanes), np.float32)
+        out = np.empty(lanes, np.float32)
+        for c in range(runs):
+            low, first = minima[y * runs + c], c * chunk
+            used = min(chunk, width - first)
+            for i in range(used):
+                row, s, x = terms[i], spread[y * width + first + i], first + i
+                if levels == 0:
+                    row[:count] = -s
+                for k in range(levels):
+                    m0, m1 = mixed[offsets[k] + cols[k, x, 0]], mixed[offsets[k] + cols[k, x, 1]]
+                    b0, b1 = col_weights[k, x, 0], col_weights[k, x, 1]
+                    if k == 0:
+                        for p in range(count):
+                            row[p] = (b0 * m0[p] + b1 * m1[p]) - s
+                    else:
+                        for p in range(count):
+                            row[p] += b0 * m0[p] + b1 * m1[p]
+            whole = count - count % lanes
+            for block in range(0, whole, lanes):
+                bf16dot.tile(gallery, y * width + first, queries, start + block, terms, block, used, low, block)
+            if whole < count:
+                bf16dot.tile(gallery, y * width + first, queries, start + whole, terms, whole, used, out, 0)
+                low[whole:] = out[: count - whole]
+            _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
+
+
 @_compiled(inline="always", **_FLAGS)
 def _tally(low, reach, c, hits, smallest):
     """Count chunk c's minima within ``reach`` and fold them into ``smallest`` (one vectorised pass)."""
@@ -424,8 +492,14 @@ def _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread,
     found = slot
     for x in range(first, min(first + chunk, width)):
         g = y * width + x
-        value = _entry(_widen(product[g, p]), coarse, rows, row_weights, cols, col_weights, spread, y, x, g, start + p)
-        if query_rows.shape[1] > 0 and value <= reach[p]:  # the product was a bound: the finest grid exactly
+        # A bound's entries are formed again with the finest grid exact: those of a product that was written
+        # out where they come within reach; all of a PairProduct's (forming its entry costs about as much).
+        bound = product.shape[0] == 0
+        if not bound:
+            value = _entry(_widen(product[g, p]), coarse, rows, row_weights, cols, col_weights, spread, y, x, g,
+                           start + p)
+            bound = query_rows.shape[1] > 0 and value <= reach[p]
+        if bound:
             value = _entry(_squared_distance(query_rows[start + p], gallery_rows[g]), coarse, rows, row_weights, cols,
                            col_weights, spread, y, x, g, start + p)
         if value <= reach[p]:

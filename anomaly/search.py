@@ -33,7 +33,10 @@ Two searches serve SPADE:
     directions, a product of 32 columns instead of 68 (efficientnet_lite0) or 260
     (wide_resnet50_2). The coarse levels stay exact, so the bound stays close: about three
     times as many (chunk, query) pairs pass it as pass the exact distances, and the screen
-    forms those entries' finest-grid part again, exactly.
+    forms those entries' finest-grid part again, exactly. In bfloat16, on a CPU with
+    AVX512-BF16, that product is never written out: writing and reading its 2.5 million
+    entries took longer than multiplying 32 columns, so the minima loop forms it tile by
+    tile in registers (:mod:`anomaly.bf16dot`, :class:`anomaly.fused.PairProduct`).
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
     float32 from the bank's values: returned scores are exact distances to real gallery
     pixels. Each ranking distance brackets the exact one within a bound on its rounding
@@ -58,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomaly import fused
+from anomaly import bf16dot, fused
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -380,7 +383,8 @@ def _native_taps(grids: tuple[tuple[int, int], ...], size: tuple[int, int]) -> t
 class _GalleryImage:
     direct: torch.Tensor | None  # (H * W, C_direct + 4) operand of the full finest-grid product, once used
     rows: torch.Tensor  # (H * W, C_direct + 4) float32 rows it is rounded from, centred
-    bound: torch.Tensor | None  # (H * W, BOUND_RANK + 4) operand of the bounded product, once used
+    bound: torch.Tensor | np.ndarray | None  # (H * W, BOUND_RANK + 4) operand of the bounded product, once used,
+    # or its bf16dot.pairs
     terms: fused.Terms  # what the native levels add to that product, less the interpolation spread
     size: tuple[int, int]  # finest grid (H, W)
     longest: float  # bound on the norm of a centred pixel, all levels (float32 error bounds)
@@ -397,7 +401,7 @@ class _Block:
     formed in full: their chunk minima come from one compiled pass (:mod:`anomaly.fused`), and
     then the entries of the chunks that pass."""
 
-    product: torch.Tensor  # (G, P_t) finest-grid product, or a lower bound of it
+    product: torch.Tensor | fused.PairProduct  # (G, P_t) finest-grid product, or a lower bound of it
     terms: fused.Terms
     start: int
     exact: tuple[np.ndarray, np.ndarray] | None = None  # with a bound: the rows that give the product exactly
@@ -446,6 +450,10 @@ class _Plan:
                 self._basis = basis
                 projected = _matmul(direct_rows, basis)[:, :-4]  # as distances() projects the gallery's
                 self._bound = _query_operand(projected, projected.pow(2).sum(1), dtype)
+        # A bfloat16 bound is multiplied where it is used, never written out, where the CPU can (see PairProduct).
+        self._pairs: np.ndarray | None = None
+        if self._bound is not None and dtype == torch.bfloat16 and bf16dot.supported():
+            self._pairs = bf16dot.pairs_by_column(self._bound)
         # The native levels' own pixels, centred and measured as gallery() does the gallery's.
         natives = [(_stacked_rows([part], [center], tuple(part.shape[:2])), tuple(part.shape[:2]))
                    for part, center, native in zip(query, self.centers, self.native) if native]
@@ -534,8 +542,11 @@ class _Plan:
             if gallery.bound is None:
                 projected = fused.fill_norm_columns(_matmul(gallery.rows, self._basis), self.dtype == torch.bfloat16)
                 gallery.bound = projected.to(self.dtype)
-            return _Block(_matmul(gallery.bound, self._bound[rows]), gallery.terms, rows.start,
-                          (self._rows, gallery.rows.numpy()))
+                if self._pairs is not None:
+                    gallery.bound = bf16dot.pairs(gallery.bound, bf16dot.ROWS)
+            product = (_matmul(gallery.bound, self._bound[rows]) if self._pairs is None
+                       else fused.PairProduct(gallery.bound, self._pairs, rows.stop - rows.start))
+            return _Block(product, gallery.terms, rows.start, (self._rows, gallery.rows.numpy()))
         if gallery.direct is None:
             gallery.direct = gallery.rows.to(self.dtype)
         return _Block(_matmul(gallery.direct, self.direct[rows]), gallery.terms, rows.start)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomaly import fused, search
+from anomaly import bf16dot, fused, search
 from anomaly.features import stack_pyramid
 
 
@@ -147,6 +147,85 @@ def test_screen_makes_a_bounded_product_exact(grids):
     kept = want <= within.numpy()
     assert len(lower) == int(kept.sum()) > 0
     assert kept[rows.numpy(), columns.numpy()].all()
+
+
+needs_bf16dot = pytest.mark.skipif(not bf16dot.supported(), reason="the CPU has no AVX512-BF16")
+
+
+def pair_product(rng, gallery: int, queries: int, columns: int, count: int) -> tuple[fused.PairProduct, torch.Tensor]:
+    """A PairProduct of random bfloat16 operands, and the same product (G, count) in float64, for queries from 11."""
+    left = torch.from_numpy(rng.normal(size=(gallery, columns)).astype(np.float32)).bfloat16()
+    right = torch.from_numpy(rng.normal(size=(queries, columns)).astype(np.float32)).bfloat16()
+    product = fused.PairProduct(bf16dot.pairs(left, bf16dot.ROWS), bf16dot.pairs_by_column(right), count)
+    return product, left.double() @ right[11 : 11 + count].double().T
+
+
+@needs_bf16dot
+@pytest.mark.parametrize("columns", [1, 6, 33])  # odd counts: a zero column completes the last pair
+@pytest.mark.parametrize("count", [23, 70])  # fewer queries than a tile, and two tiles and a part
+@pytest.mark.parametrize("grids", [(), ((5, 4), (3, 2))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pair_product_minima_match_numpy(columns, count, grids, threads, monkeypatch):
+    """The minima of a product formed tile by tile in registers (AVX512-BF16) are those of the product
+    written out, up to float32 rounding; so are the hits and each query's least minimum."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    rng = np.random.default_rng(columns)
+    size, chunk = (9, 11), 8  # each row's last chunk is short
+    terms = random_terms(rng, size, grids, 90)
+    product, written = pair_product(rng, 99, 90, columns, count)
+    assert product.shape == (99, count)
+    want = chunked(reference(written, terms, 11, grids), 11, chunk)
+
+    infinite = torch.full((count,), np.inf)
+    exact = fused.Tolerance(np.zeros(count, np.float32), np.zeros(count, np.float32), 0.0)
+    minima = fused.chunk_minima(product, terms, 11, chunk, infinite, exact)
+    np.testing.assert_allclose(minima.values.numpy(), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(minima.smallest.numpy(), minima.values.amin(0).numpy())
+    within = torch.from_numpy(np.quantile(want, 0.1, axis=0).astype(np.float32))
+    minima = fused.chunk_minima(product, terms, 11, chunk, within, exact)
+    reach = within.numpy() * np.float32(1 + 1e-6)
+    np.testing.assert_array_equal(minima.hits, (minima.values.numpy() <= reach).sum(1))
+
+
+@needs_bf16dot
+def test_screen_forms_every_entry_of_a_pair_product_exactly():
+    """A PairProduct is a bound never written out: every entry of a chunk that passes is formed from the
+    exact rows, and exactly those within the bound come back."""
+    rng = np.random.default_rng(8)
+    size, grids, chunk, count = (9, 11), ((5, 4),), 8, 23
+    terms = random_terms(rng, size, grids, 40)
+    query_rows = rng.normal(size=(40, 5)).astype(np.float32)
+    gallery_rows = np.concatenate([rng.normal(size=(99, 5)), np.full((99, 4), 1e6)], 1).astype(np.float32)
+    direct = ((gallery_rows[:, None, :5].astype(np.float64) - query_rows[None, 11 : 11 + count]) ** 2).sum(-1)
+    want = reference(torch.from_numpy(direct), terms, 11, grids)
+    bound, _ = pair_product(rng, 99, 40, 4, count)  # any product: the screen forms the entries anew
+    exact = (query_rows, gallery_rows)
+
+    infinite = torch.full((count,), np.inf)
+    minima = fused.chunk_minima(bound, terms, 11, chunk, infinite, EXACT)
+    lower, _, columns, rows = fused.screen(bound, terms, 11, chunk, minima, infinite, infinite.clone(), EXACT, exact)
+    assert len(lower) == want.size
+    np.testing.assert_allclose(lower.numpy(), want[rows.numpy(), columns.numpy()], rtol=1e-5, atol=1e-5)
+
+    within = torch.from_numpy(np.quantile(want, 0.05, axis=0).astype(np.float32))
+    minima = fused.chunk_minima(bound, terms, 11, chunk, torch.full((count,), 1e30), EXACT)
+    lower, _, columns, rows = fused.screen(bound, terms, 11, chunk, minima, infinite, within.clone(), EXACT, exact)
+    kept = want <= within.numpy()
+    assert len(lower) == int(kept.sum()) > 0
+    assert kept[rows.numpy(), columns.numpy()].all()
+
+
+def test_pairs_pack_two_bfloat16_columns_to_an_int32():
+    """Column 2j in the low half (little-endian), 2j + 1 in the high; an odd count gets a zero column,
+    and padding rows (pairs) or columns (pairs_by_column) are zero."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).bfloat16()
+    packed = bf16dot.pairs(x, 3)
+    assert packed.shape == (5, 2) and packed.dtype == np.int32
+    halves = torch.from_numpy(packed.copy()).view(torch.bfloat16).float()
+    np.testing.assert_array_equal(halves.numpy(), [[1, 2, 3, 0], [4, 5, 6, 0], [0] * 4, [0] * 4, [0] * 4])
+    by_column = bf16dot.pairs_by_column(x)
+    assert by_column.shape == (2, 2 + bf16dot.LANES)
+    np.testing.assert_array_equal(by_column, bf16dot.pairs(x, bf16dot.LANES).T)
 
 
 def test_bfloat16_products_are_widened_exactly():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomaly import fused, search
+from anomaly import bf16dot, fused, search
 from anomaly.features import stack_pyramid
 
 
@@ -31,25 +31,30 @@ def stacked_pixels(levels: list[np.ndarray]) -> np.ndarray:
     return stacked.permute(0, 2, 3, 1).reshape(-1, stacked.shape[1]).numpy()
 
 
-@pytest.fixture(params=["full", "bounded", "bound given up"])
+@pytest.fixture(params=["full", "bounded", "bounded, written out", "bound given up"])
 def products(request, monkeypatch):
     """Every kind of finest-grid product: the full one; the lower bound that the screen makes exact
     entry by entry, here forced for every block after a tile's first (a rank-2 projection, far looser
-    than the real one, so many entries are recomputed); and the bound tried, found to let too much
-    through, and the block multiplied again in full. Checks that each kind was run."""
-    bounded, screened = [], []
+    than the real one, so many entries are recomputed), in bfloat16 never written out where the CPU
+    can (a PairProduct), or always written out; and the bound tried, found to let too much through, and
+    the block multiplied again in full. Checks that each kind was run."""
+    bounded, screened, unwritten = [], [], []
+    if request.param == "bounded, written out":
+        monkeypatch.setattr(search.bf16dot, "supported", lambda: False)
     if request.param != "full":
         monkeypatch.setattr(search, "BOUND_RANK", 2)
         monkeypatch.setattr(search, "BOUND_MIN_CHANNELS", 3)
         monkeypatch.setattr(search, "BOUND_MIN_KEPT", 0.0)
         monkeypatch.setattr(search, "BOUND_BELOW", 2.0)
-        monkeypatch.setattr(search, "BOUND_GIVE_UP", 2.0 if request.param == "bounded" else -1.0)
+        monkeypatch.setattr(search, "BOUND_GIVE_UP", -1.0 if request.param == "bound given up" else 2.0)
         monkeypatch.setattr(search, "GALLERY_TILE", 8)  # flat galleries in several blocks
         distances, screen = search._Plan.distances, fused.screen
 
         def distances_spy(*args):
             block = distances(*args)
             bounded.append(block.exact is not None)
+            if block.exact is not None and args[0].dtype == torch.bfloat16:
+                unwritten.append(isinstance(block.product, fused.PairProduct))
             return block
 
         def screen_spy(*args):
@@ -61,7 +66,10 @@ def products(request, monkeypatch):
     yield request.param
     if request.param != "full":
         assert any(bounded), "no bounded block was multiplied"
-        assert any(screened) == (request.param == "bounded"), screened
+        assert any(screened) == (request.param != "bound given up"), screened
+        # bfloat16 bounds are never written out where the CPU can, and always where told it cannot.
+        written = request.param == "bounded, written out" or not bf16dot.supported()
+        assert unwritten == [not written] * len(unwritten)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

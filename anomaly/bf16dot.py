@@ -1,0 +1,137 @@
+"""bfloat16 dot products on AVX512-BF16, for compiled loops that use a product's entries as they form them.
+
+A matrix product handed to a library has to be written out in full before a loop can reduce it: for
+the search's bounded product (32 columns, see :mod:`anomaly.search`) that write and the read after it
+took longer than the multiplying. :func:`tile` instead computes a small tile of entries in registers,
+with the CPU's ``VDPBF16PS`` instruction (16 float32 lanes, each adding the products of a pair of
+bfloat16 values, exact, to its sum), and hands back only each lane's minimum over the tile's rows.
+
+Operands are packed in pairs of bfloat16 columns, one int32 each (:func:`pairs`): a gallery row's pair is
+broadcast to all lanes, and 16 queries' pairs are read as one vector, so the queries' side is stored
+pair-major (:func:`pairs_by_column`).
+
+numba has no bfloat16 type and no vector types; :func:`tile` is written as LLVM IR through numba's
+``intrinsic``. LLVM can only emit it for a CPU with AVX512-BF16, so it must not be compiled elsewhere:
+:func:`supported` says whether it may be. numba's disk cache of the loops that use it is keyed on their own
+file's contents only: after editing this one, delete ``anomaly/__pycache__/*.nbi`` and ``*.nbc``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import llvmlite.binding
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+VECTORS = 2
+LANES = 16 * VECTORS
+"""Query columns per tile: VECTORS 512-bit vectors of float32 sums."""
+ROWS = 8
+"""Gallery rows per tile, at most: one accumulator register each."""
+_INSTRUCTION = "llvm.x86.avx512bf16.dpbf16ps.512"
+
+
+@lru_cache(maxsize=1)
+def supported() -> bool:
+    """Whether numba compiles for a CPU with AVX512-BF16 (its host, unless ``NUMBA_CPU_NAME`` says otherwise)."""
+    if numba.config.CPU_NAME is not None:  # compiling for a named CPU: only what its features promise
+        return "+avx512bf16" in (numba.config.CPU_FEATURES or "")
+    return bool(llvmlite.binding.get_host_cpu_features().get("avx512bf16", False))
+
+
+def pairs(x: torch.Tensor, pad_rows: int = 0) -> np.ndarray:
+    """(N + pad_rows, ceil(C / 2)) int32: the rows of bfloat16 ``x`` (N, C), two columns to an int32 (a zero
+    column appended to an odd count), then ``pad_rows`` zero rows (a tile reads ROWS rows from any start)."""
+    packed = torch.zeros(len(x) + pad_rows, x.shape[1] + x.shape[1] % 2, dtype=torch.bfloat16)
+    packed[: len(x), : x.shape[1]] = x
+    return packed.view(torch.int32).numpy()
+
+
+def pairs_by_column(x: torch.Tensor) -> np.ndarray:
+    """(ceil(C / 2), N + LANES) int32: :func:`pairs` of bfloat16 ``x`` (N, C) transposed, one column per row
+    of ``x``, then LANES zero columns (a tile reads LANES columns from any start)."""
+    return np.ascontiguousarray(pairs(x, LANES).T)
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` type (llvmlite does not name it)."""
+
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _BFloat)
+
+    def __hash__(self) -> int:
+        return hash("bfloat")
+
+
+_F32 = ir.VectorType(ir.FloatType(), 16)
+_I32 = ir.VectorType(ir.IntType(32), 16)
+_BF16 = ir.VectorType(_BFloat(), 32)
+_I64 = ir.IntType(64)
+
+
+@intrinsic
+def tile(typingctx, gallery, row, queries, column, init, init_column, rows, out, out_column):
+    """``out[out_column + p] = min over r < rows of init[r, init_column + p] + gallery[row + r] . queries[:, column + p]``
+    for p < LANES: ``gallery`` (G, pairs) and ``queries`` (pairs, P) int32 as :func:`pairs` and :func:`pairs_by_column`
+    pack them, ``init`` and ``out`` float32, 1 <= ``rows`` <= ROWS. Reads ROWS rows of ``gallery`` and ``init`` and
+    LANES columns whatever ``rows`` is. Each sum is float32, pair by pair in order."""
+    signature = types.void(gallery, row, queries, column, init, init_column, rows, out, out_column)
+
+    def codegen(context, builder, signature, args):
+        gallery_array, queries_array, init_array, out_array = (
+            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 4, 7))
+        row, column, init_column, rows, out_column = (
+            builder.sext(args[i], _I64) if args[i].type != _I64 else args[i] for i in (1, 3, 5, 6, 8))
+        dpbf16ps = builder.module.globals.get(_INSTRUCTION) or ir.Function(
+            builder.module, ir.FunctionType(_F32, [_F32, _BF16, _BF16]), _INSTRUCTION)
+
+        def at(array, offset, kind):
+            address = builder.add(builder.ptrtoint(array.data, _I64), offset)
+            return builder.inttoptr(address, kind.as_pointer())
+
+        def constant(value):
+            return ir.Constant(_I64, value)
+
+        gallery_stride = builder.extract_value(gallery_array.strides, 0)
+        query_stride = builder.extract_value(queries_array.strides, 0)
+        first_row = builder.mul(row, gallery_stride)
+        first_column = builder.mul(column, constant(4))
+        init_stride = builder.extract_value(init_array.strides, 0)
+        first_init = builder.mul(init_column, constant(4))
+        sums = [[cgutils.alloca_once(builder, _F32) for _ in range(VECTORS)] for _ in range(ROWS)]  # in registers
+        for r in range(ROWS):
+            for v in range(VECTORS):
+                offset = builder.add(first_init, builder.add(builder.mul(constant(r), init_stride), constant(64 * v)))
+                builder.store(builder.load(at(init_array, offset, _F32), align=4), sums[r][v])
+        broadcast = ir.Constant(_I32, [0] * 16)
+        with cgutils.for_range(builder, builder.extract_value(gallery_array.shape, 1)) as loop:
+            offset = builder.add(first_column, builder.mul(loop.index, query_stride))
+            query = [builder.bitcast(builder.load(at(queries_array, builder.add(offset, constant(64 * v)), _I32),
+                                                  align=4), _BF16) for v in range(VECTORS)]
+            pair_offset = builder.add(first_row, builder.mul(loop.index, constant(4)))
+            for r in range(ROWS):
+                address = builder.add(pair_offset, builder.mul(constant(r), gallery_stride))
+                pair = builder.load(at(gallery_array, address, ir.IntType(32)), align=4)
+                lanes = builder.insert_element(ir.Constant(_I32, ir.Undefined), pair, ir.Constant(ir.IntType(32), 0))
+                lanes = builder.bitcast(builder.shuffle_vector(lanes, ir.Constant(_I32, ir.Undefined), broadcast), _BF16)
+                for v in range(VECTORS):
+                    builder.store(builder.call(dpbf16ps, [builder.load(sums[r][v]), query[v], lanes]), sums[r][v])
+        for v in range(VECTORS):
+            low = builder.load(sums[0][v])
+            for r in range(1, ROWS):
+                value = builder.load(sums[r][v])
+                smaller = builder.select(builder.fcmp_ordered("<", value, low), value, low)
+                low = builder.select(builder.icmp_signed(">", rows, constant(r)), smaller, low)
+            address = builder.add(builder.mul(out_column, constant(4)), constant(64 * v))
+            builder.store(low, at(out_array, address, _F32), align=4)
+        return context.get_dummy_value()
+
+    return signature, codegen
