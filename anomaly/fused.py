@@ -559,7 +559,10 @@ def _prune(lower, upper, query, within, kappa, cap):
     kept = 0
     for p in range(within.shape[0]):
         group = order[starts[p] : starts[p + 1]]
-        if group.shape[0] >= kappa:
+        if kappa == 1:  # the common case, without the copies partition makes
+            for i in group:
+                within[p] = min(within[p], upper[i])
+        elif group.shape[0] >= kappa:
             within[p] = min(within[p], np.partition(upper[group], kappa - 1)[kappa - 1])
         if group.shape[0] > cap:
             group = group[np.argsort(upper[group], kind="mergesort")[:cap]]

@@ -42,7 +42,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly import SPADE, allocator, search  # noqa: E402  (first: it sets torch's allocator up)
+from anomaly import SPADE, allocator, fused, search  # noqa: E402  (first: it sets torch's allocator up)
 from anomaly.bank import PyramidSpill  # noqa: E402
 from anomaly.datasets import MVTecCategory, load_mvtec_category  # noqa: E402
 from anomaly.demo import make_demo_dataset  # noqa: E402
@@ -165,7 +165,8 @@ def executed_work(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbou
                   precision: str) -> tuple[float, float]:
     """(multiply-add FLOPs of the matrix products one search runs, share of its blocks multiplied by the
     bound), counted in an untimed run. The products: the finest-grid ones, full or bounded as the search
-    chooses per block, the native levels' products and their interpolation, and the bound's projections."""
+    chooses per block (those formed inside the minima loop, PairProducts, too), the native levels' products
+    and their interpolation, and the bound's projections."""
     flops, blocks = [0.0], []
     multiply, distances = search._matmul, search._Plan.distances
 
@@ -176,6 +177,9 @@ def executed_work(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbou
     def recording(plan, *args, **kwargs):
         block = distances(plan, *args, **kwargs)
         blocks.append(block.exact is not None)
+        if isinstance(block.product, fused.PairProduct):
+            gallery, queries = block.product.shape
+            flops[0] += 2.0 * gallery * queries * 2 * block.product.gallery.shape[1]
         return block
 
     search._matmul, search._Plan.distances = counting, recording
