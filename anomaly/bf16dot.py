@@ -78,20 +78,26 @@ _I64 = ir.IntType(64)
 
 
 @intrinsic
-def tile(typingctx, gallery, row, queries, column, init, init_column, rows, out, out_column):
-    """``out[out_column + p] = min over r < rows of init[r, init_column + p] + gallery[row + r] . queries[:, column + p]``
-    for p < LANES: ``gallery`` (G, pairs) and ``queries`` (pairs, P) int32 as :func:`pairs` and :func:`pairs_by_column`
-    pack them, ``init`` and ``out`` float32, 1 <= ``rows`` <= ROWS. Reads ROWS rows of ``gallery`` and ``init`` and
-    LANES columns whatever ``rows`` is. Each sum is float32, pair by pair in order."""
-    signature = types.void(gallery, row, queries, column, init, init_column, rows, out, out_column)
+def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base, rows, out, out_column):
+    """For p < LANES, ``out[out_column + p]`` = the least over r < ``rows`` of
+
+        base[r] + sum_j weights[r, j] * mixed[sources[j], p] + gallery[row + r] . queries[:, column + p]
+
+    ``gallery`` (G, pairs) and ``queries`` (pairs, P) int32 as :func:`pairs` and :func:`pairs_by_column` pack
+    them; ``mixed`` (M, >= LANES), ``weights`` (ROWS, J), ``base`` (ROWS,) and ``out`` float32, ``sources``
+    (J,) int64, 1 <= ``rows`` <= ROWS. Reads ROWS rows and LANES columns whatever ``rows`` is. The products
+    are summed pair by pair in order, onto the rest, in float32."""
+    signature = types.void(gallery, row, queries, column, mixed, sources, weights, base, rows, out, out_column)
 
     def codegen(context, builder, signature, args):
-        gallery_array, queries_array, init_array, out_array = (
-            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 4, 7))
-        row, column, init_column, rows, out_column = (
-            builder.sext(args[i], _I64) if args[i].type != _I64 else args[i] for i in (1, 3, 5, 6, 8))
+        gallery_array, queries_array, mixed_array, sources_array, weights_array, base_array, out_array = (
+            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 4, 5, 6, 7, 9))
+        row, column, rows, out_column = (
+            builder.sext(args[i], _I64) if args[i].type != _I64 else args[i] for i in (1, 3, 8, 10))
         dpbf16ps = builder.module.globals.get(_INSTRUCTION) or ir.Function(
             builder.module, ir.FunctionType(_F32, [_F32, _BF16, _BF16]), _INSTRUCTION)
+        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
+            builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]), "llvm.fma.v16f32")
 
         def at(array, offset, kind):
             address = builder.add(builder.ptrtoint(array.data, _I64), offset)
@@ -100,30 +106,43 @@ def tile(typingctx, gallery, row, queries, column, init, init_column, rows, out,
         def constant(value):
             return ir.Constant(_I64, value)
 
-        gallery_stride = builder.extract_value(gallery_array.strides, 0)
-        query_stride = builder.extract_value(queries_array.strides, 0)
-        first_row = builder.mul(row, gallery_stride)
-        first_column = builder.mul(column, constant(4))
-        init_stride = builder.extract_value(init_array.strides, 0)
-        first_init = builder.mul(init_column, constant(4))
+        def stride(array, axis):
+            return builder.extract_value(array.strides, axis)
+
+        def spread(value, kind):  # a scalar in every lane
+            vector = ir.VectorType(value.type, 16)
+            lanes = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+            return builder.bitcast(builder.shuffle_vector(lanes, ir.Constant(vector, ir.Undefined),
+                                                          ir.Constant(_I32, [0] * 16)), kind)
+
         sums = [[cgutils.alloca_once(builder, _F32) for _ in range(VECTORS)] for _ in range(ROWS)]  # in registers
         for r in range(ROWS):
+            first = spread(builder.load(at(base_array, builder.mul(constant(r), stride(base_array, 0)),
+                                           ir.FloatType()), align=4), _F32)
             for v in range(VECTORS):
-                offset = builder.add(first_init, builder.add(builder.mul(constant(r), init_stride), constant(64 * v)))
-                builder.store(builder.load(at(init_array, offset, _F32), align=4), sums[r][v])
-        broadcast = ir.Constant(_I32, [0] * 16)
+                builder.store(first, sums[r][v])
+        with cgutils.for_range(builder, builder.extract_value(sources_array.shape, 0)) as loop:
+            source = builder.load(at(sources_array, builder.mul(loop.index, stride(sources_array, 0)), _I64), align=8)
+            offset = builder.mul(source, stride(mixed_array, 0))
+            terms = [builder.load(at(mixed_array, builder.add(offset, constant(64 * v)), _F32), align=4)
+                     for v in range(VECTORS)]
+            for r in range(ROWS):
+                address = builder.add(builder.mul(constant(r), stride(weights_array, 0)),
+                                      builder.mul(loop.index, stride(weights_array, 1)))
+                weight = spread(builder.load(at(weights_array, address, ir.FloatType()), align=4), _F32)
+                for v in range(VECTORS):
+                    builder.store(builder.call(fma, [weight, terms[v], builder.load(sums[r][v])]), sums[r][v])
+        first_row, first_column = builder.mul(row, stride(gallery_array, 0)), builder.mul(column, constant(4))
         with cgutils.for_range(builder, builder.extract_value(gallery_array.shape, 1)) as loop:
-            offset = builder.add(first_column, builder.mul(loop.index, query_stride))
+            offset = builder.add(first_column, builder.mul(loop.index, stride(queries_array, 0)))
             query = [builder.bitcast(builder.load(at(queries_array, builder.add(offset, constant(64 * v)), _I32),
                                                   align=4), _BF16) for v in range(VECTORS)]
             pair_offset = builder.add(first_row, builder.mul(loop.index, constant(4)))
             for r in range(ROWS):
-                address = builder.add(pair_offset, builder.mul(constant(r), gallery_stride))
-                pair = builder.load(at(gallery_array, address, ir.IntType(32)), align=4)
-                lanes = builder.insert_element(ir.Constant(_I32, ir.Undefined), pair, ir.Constant(ir.IntType(32), 0))
-                lanes = builder.bitcast(builder.shuffle_vector(lanes, ir.Constant(_I32, ir.Undefined), broadcast), _BF16)
+                address = builder.add(pair_offset, builder.mul(constant(r), stride(gallery_array, 0)))
+                pair = spread(builder.load(at(gallery_array, address, ir.IntType(32)), align=4), _BF16)
                 for v in range(VECTORS):
-                    builder.store(builder.call(dpbf16ps, [builder.load(sums[r][v]), query[v], lanes]), sums[r][v])
+                    builder.store(builder.call(dpbf16ps, [builder.load(sums[r][v]), query[v], pair]), sums[r][v])
         for v in range(VECTORS):
             low = builder.load(sums[0][v])
             for r in range(1, ROWS):

@@ -347,44 +347,49 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
 @_compiled(parallel=True, **_FLAGS)
 def _pair_minima(gallery, queries, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, reach,
                  minima, hits, smallest):
-    """:func:`_chunk_minima` of a :class:`PairProduct`: per gallery row, the other terms of its entries summed
-    first (as :func:`_chunk_minima` sums them), then per chunk and LANES queries :func:`anomaly.bf16dot.tile`
-    adds the product to them and takes the minima."""
+    """:func:`_chunk_minima` of a :class:`PairProduct`: per gallery row, the native levels' rows mixed once;
+    per chunk, which of them its pixels mix and with what weights; then per LANES queries
+    :func:`anomaly.bf16dot.tile` sums each entry's terms and product in registers and takes the minima."""
     count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
-    lanes = bf16dot.LANES
+    lanes, most = bf16dot.LANES, bf16dot.ROWS
     runs = (width + chunk - 1) // chunk
     offsets = np.zeros(levels + 1, np.int64)
     for k in range(levels):
         offsets[k + 1] = offsets[k] + widths[k]
     for y in numba.prange(rows.shape[1]):
-        mixed = np.empty((offsets[levels], count), np.float32)
+        mixed = np.empty((offsets[levels], count + lanes), np.float32)  # columns past count: read, never used
         for k in range(levels):
             _mix_down(coarse, rows[k, y, 0], rows[k, y, 1], row_weights[k, y, 0], row_weights[k, y, 1], start,
-                      mixed[offsets[k] : offsets[k + 1]])
-        # Rows past the chunk and columns past the queries are read by the tiles, never used.
-        terms = np.empty((bf16dot.ROWS, count + lanes), np.float32)
+                      mixed[offsets[k] : offsets[k + 1], :count])
+        sources = np.empty(2 * most * levels, np.int64)
+        weights = np.empty((most, 2 * most * levels), np.float32)
+        base = np.zeros(most, np.float32)
         out = np.empty(lanes, np.float32)
         for c in range(runs):
             low, first = minima[y * runs + c], c * chunk
             used = min(chunk, width - first)
+            # The chunk's pixels mix a few native columns of each level: weights[i, j] of mixed row sources[j].
+            found = 0
+            weights[:] = 0
             for i in range(used):
-                row, s, x = terms[i], spread[y * width + first + i], first + i
-                if levels == 0:
-                    row[:count] = -s
+                base[i] = -spread[y * width + first + i]
                 for k in range(levels):
-                    m0, m1 = mixed[offsets[k] + cols[k, x, 0]], mixed[offsets[k] + cols[k, x, 1]]
-                    b0, b1 = col_weights[k, x, 0], col_weights[k, x, 1]
-                    if k == 0:
-                        for p in range(count):
-                            row[p] = (b0 * m0[p] + b1 * m1[p]) - s
-                    else:
-                        for p in range(count):
-                            row[p] += b0 * m0[p] + b1 * m1[p]
+                    for t in range(2):
+                        source, j = offsets[k] + cols[k, first + i, t], 0
+                        while j < found and sources[j] != source:
+                            j += 1
+                        if j == found:
+                            sources[j] = source
+                            found += 1
+                        weights[i, j] += col_weights[k, first + i, t]
+            row = y * width + first
             whole = count - count % lanes
             for block in range(0, whole, lanes):
-                bf16dot.tile(gallery, y * width + first, queries, start + block, terms, block, used, low, block)
+                bf16dot.tile(gallery, row, queries, start + block, mixed[:, block:], sources[:found],
+                             weights[:, :found], base, used, low, block)
             if whole < count:
-                bf16dot.tile(gallery, y * width + first, queries, start + whole, terms, whole, used, out, 0)
+                bf16dot.tile(gallery, row, queries, start + whole, mixed[:, whole:], sources[:found],
+                             weights[:, :found], base, used, out, 0)
                 low[whole:] = out[: count - whole]
             _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
 
