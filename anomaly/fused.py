@@ -68,12 +68,15 @@ class Minima:
 
 @dataclass(frozen=True)
 class PairProduct:
-    """A bfloat16 product that is never written out: the compiled passes form its entries where they use
-    them, with :mod:`anomaly.bf16dot` (where :func:`anomaly.bf16dot.supported`). Query columns are
-    ``start:start + count`` of the ones packed, as for a product (G, count)."""
+    """Squared distances |q|^2 + |g|^2 - 2 q.g that are never written out: the minima loop forms them where
+    it uses them, q.g in bfloat16 with :mod:`anomaly.bf16dot` (where :func:`anomaly.bf16dot.supported`),
+    the squared norms in float32. Query columns are ``start:start + count`` of the ones packed, as for a
+    product (G, count)."""
 
-    gallery: np.ndarray  # (G + bf16dot.ROWS, pairs) int32: bf16dot.pairs of the gallery side
-    queries: np.ndarray  # (pairs, P + bf16dot.LANES) int32: bf16dot.pairs_by_column of every query of the search
+    gallery: np.ndarray  # (G + bf16dot.ROWS, pairs) int32: bf16dot.pairs of the gallery rows g
+    gallery_norms: np.ndarray  # (G,) float32 |g|^2
+    queries: np.ndarray  # (pairs, P + bf16dot.LANES) int32: bf16dot.pairs_by_column of -2 q, every query
+    query_norms: np.ndarray  # (P + bf16dot.LANES,) float32 |q|^2
     count: int
 
     @property
@@ -96,7 +99,8 @@ def chunk_minima(product: torch.Tensor | PairProduct, terms: Terms, start: int, 
     with _team():
         smallest = np.full((numba.get_num_threads(), product.shape[1]), np.inf, np.float32)
         if isinstance(product, PairProduct):
-            _pair_minima(product.gallery, product.queries, *terms.arrays(), start, chunk, reach, minima, hits, smallest)
+            _pair_minima(product.gallery, product.gallery_norms, product.queries, product.query_norms,
+                         *terms.arrays(), start, chunk, reach, minima, hits, smallest)
         else:
             _chunk_minima(_as_numpy(product), *terms.arrays(), start, chunk, reach, minima, hits, smallest)
     return Minima(torch.from_numpy(minima), torch.from_numpy(smallest.min(0)), hits)
@@ -345,11 +349,12 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
 
 
 @_compiled(parallel=True, **_FLAGS)
-def _pair_minima(gallery, queries, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, reach,
-                 minima, hits, smallest):
-    """:func:`_chunk_minima` of a :class:`PairProduct`: per gallery row, the native levels' rows mixed once;
-    per chunk, which of them its pixels mix and with what weights; then per LANES queries
-    :func:`anomaly.bf16dot.tile` sums each entry's terms and product in registers and takes the minima."""
+def _pair_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights, widths,
+                 spread, start, chunk, reach, minima, hits, smallest):
+    """:func:`_chunk_minima` of a :class:`PairProduct`: per gallery row, the native levels' rows mixed once,
+    and the queries' norms as one more row; per chunk, which of those rows its pixels take and with what
+    weights; then per LANES queries :func:`anomaly.bf16dot.tile` sums each entry's terms and product in
+    registers and takes the minima."""
     count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
     lanes, most = bf16dot.LANES, bf16dot.ROWS
     runs = (width + chunk - 1) // chunk
@@ -357,22 +362,24 @@ def _pair_minima(gallery, queries, coarse, rows, row_weights, cols, col_weights,
     for k in range(levels):
         offsets[k + 1] = offsets[k] + widths[k]
     for y in numba.prange(rows.shape[1]):
-        mixed = np.empty((offsets[levels], count + lanes), np.float32)  # columns past count: read, never used
+        mixed = np.empty((offsets[levels] + 1, count + lanes), np.float32)  # columns past count: read, never used
         for k in range(levels):
             _mix_down(coarse, rows[k, y, 0], rows[k, y, 1], row_weights[k, y, 0], row_weights[k, y, 1], start,
                       mixed[offsets[k] : offsets[k + 1], :count])
-        sources = np.empty(2 * most * levels, np.int64)
-        weights = np.empty((most, 2 * most * levels), np.float32)
+        mixed[offsets[levels]] = query_norms[start : start + count + lanes]
+        sources = np.empty(2 * most * levels + 1, np.int64)
+        weights = np.empty((most, 2 * most * levels + 1), np.float32)
         base = np.zeros(most, np.float32)
         out = np.empty(lanes, np.float32)
         for c in range(runs):
             low, first = minima[y * runs + c], c * chunk
             used = min(chunk, width - first)
             # The chunk's pixels mix a few native columns of each level: weights[i, j] of mixed row sources[j].
-            found = 0
+            sources[0], found = offsets[levels], 1
             weights[:] = 0
             for i in range(used):
-                base[i] = -spread[y * width + first + i]
+                weights[i, 0] = 1
+                base[i] = gallery_norms[y * width + first + i] - spread[y * width + first + i]
                 for k in range(levels):
                     for t in range(2):
                         source, j = offsets[k] + cols[k, first + i, t], 0

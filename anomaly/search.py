@@ -383,8 +383,8 @@ def _native_taps(grids: tuple[tuple[int, int], ...], size: tuple[int, int]) -> t
 class _GalleryImage:
     direct: torch.Tensor | None  # (H * W, C_direct + 4) operand of the full finest-grid product, once used
     rows: torch.Tensor  # (H * W, C_direct + 4) float32 rows it is rounded from, centred
-    bound: torch.Tensor | np.ndarray | None  # (H * W, BOUND_RANK + 4) operand of the bounded product, once used,
-    # or its bf16dot.pairs
+    bound: torch.Tensor | tuple[np.ndarray, np.ndarray] | None  # (H * W, BOUND_RANK + 4) operand of the bounded
+    # product, once used, or a PairProduct's gallery side (pairs, norms)
     terms: fused.Terms  # what the native levels add to that product, less the interpolation spread
     size: tuple[int, int]  # finest grid (H, W)
     longest: float  # bound on the norm of a centred pixel, all levels (float32 error bounds)
@@ -451,9 +451,10 @@ class _Plan:
                 projected = _matmul(direct_rows, basis)[:, :-4]  # as distances() projects the gallery's
                 self._bound = _query_operand(projected, projected.pow(2).sum(1), dtype)
         # A bfloat16 bound is multiplied where it is used, never written out, where the CPU can (see PairProduct).
-        self._pairs: np.ndarray | None = None
+        self._pairs: tuple[np.ndarray, np.ndarray] | None = None  # its query side: -2 q in pairs, |q|^2
         if self._bound is not None and dtype == torch.bfloat16 and bf16dot.supported():
-            self._pairs = bf16dot.pairs_by_column(self._bound)
+            self._pairs = (bf16dot.pairs_by_column((-2.0 * projected).to(dtype)),
+                           np.pad(projected.pow(2).sum(1).numpy(), (0, bf16dot.LANES)))
         # The native levels' own pixels, centred and measured as gallery() does the gallery's.
         natives = [(_stacked_rows([part], [center], tuple(part.shape[:2])), tuple(part.shape[:2]))
                    for part, center, native in zip(query, self.centers, self.native) if native]
@@ -540,12 +541,17 @@ class _Plan:
         as projections are no longer than the rows), to be made exact entry by entry by the screen."""
         if bounded and self._basis is not None:
             if gallery.bound is None:
-                projected = fused.fill_norm_columns(_matmul(gallery.rows, self._basis), self.dtype == torch.bfloat16)
-                gallery.bound = projected.to(self.dtype)
-                if self._pairs is not None:
-                    gallery.bound = bf16dot.pairs(gallery.bound, bf16dot.ROWS)
-            product = (_matmul(gallery.bound, self._bound[rows]) if self._pairs is None
-                       else fused.PairProduct(gallery.bound, self._pairs, rows.stop - rows.start))
+                projected = _matmul(gallery.rows, self._basis)
+                if self._pairs is None:
+                    gallery.bound = fused.fill_norm_columns(projected, self.dtype == torch.bfloat16).to(self.dtype)
+                else:
+                    projected = projected[:, :-4]
+                    gallery.bound = (bf16dot.pairs(projected.to(self.dtype), bf16dot.ROWS),
+                                     projected.pow(2).sum(1).numpy())
+            if self._pairs is None:
+                product = _matmul(gallery.bound, self._bound[rows])
+            else:
+                product = fused.PairProduct(gallery.bound[0], gallery.bound[1], *self._pairs, rows.stop - rows.start)
             return _Block(product, gallery.terms, rows.start, (self._rows, gallery.rows.numpy()))
         if gallery.direct is None:
             gallery.direct = gallery.rows.to(self.dtype)

@@ -153,11 +153,15 @@ needs_bf16dot = pytest.mark.skipif(not bf16dot.supported(), reason="the CPU has 
 
 
 def pair_product(rng, gallery: int, queries: int, columns: int, count: int) -> tuple[fused.PairProduct, torch.Tensor]:
-    """A PairProduct of random bfloat16 operands, and the same product (G, count) in float64, for queries from 11."""
+    """A PairProduct of random bfloat16 operands and float32 norms, and the same entries (G, count) in
+    float64, for queries from 11."""
     left = torch.from_numpy(rng.normal(size=(gallery, columns)).astype(np.float32)).bfloat16()
     right = torch.from_numpy(rng.normal(size=(queries, columns)).astype(np.float32)).bfloat16()
-    product = fused.PairProduct(bf16dot.pairs(left, bf16dot.ROWS), bf16dot.pairs_by_column(right), count)
-    return product, left.double() @ right[11 : 11 + count].double().T
+    left_norms, right_norms = (rng.random(n).astype(np.float32) * 10 for n in (gallery, queries + bf16dot.LANES))
+    product = fused.PairProduct(bf16dot.pairs(left, bf16dot.ROWS), left_norms, bf16dot.pairs_by_column(right),
+                                right_norms, count)
+    written = left.double() @ right[11 : 11 + count].double().T
+    return product, written + torch.from_numpy(left_norms[:, None] + right_norms[None, 11 : 11 + count]).double()
 
 
 @needs_bf16dot
@@ -198,7 +202,11 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly():
     gallery_rows = np.concatenate([rng.normal(size=(99, 5)), np.full((99, 4), 1e6)], 1).astype(np.float32)
     direct = ((gallery_rows[:, None, :5].astype(np.float64) - query_rows[None, 11 : 11 + count]) ** 2).sum(-1)
     want = reference(torch.from_numpy(direct), terms, 11, grids)
-    bound, _ = pair_product(rng, 99, 40, 4, count)  # any product: the screen forms the entries anew
+    # A loose lower bound: a quarter of the distance over the first two columns.
+    near, far = torch.from_numpy(gallery_rows[:, :2] / 2), torch.from_numpy(query_rows[:, :2] / 2)
+    bound = fused.PairProduct(bf16dot.pairs(near.bfloat16(), bf16dot.ROWS), near.pow(2).sum(1).numpy(),
+                              bf16dot.pairs_by_column((-2 * far).bfloat16()),
+                              np.pad(far.pow(2).sum(1).numpy(), (0, bf16dot.LANES)), count)
     exact = (query_rows, gallery_rows)
 
     infinite = torch.full((count,), np.inf)
