@@ -38,7 +38,10 @@ _INSTRUCTION = "llvm.x86.avx512bf16.dpbf16ps.512"
 
 @lru_cache(maxsize=1)
 def supported() -> bool:
-    """Whether numba compiles for a CPU with AVX512-BF16 (its host, unless ``NUMBA_CPU_NAME`` says otherwise)."""
+    """Whether numba compiles for a CPU with AVX512-BF16 (its host, unless ``NUMBA_CPU_NAME`` says otherwise),
+    with an LLVM that names the instruction's operands ``bfloat`` (17 and later)."""
+    if llvmlite.binding.llvm_version_info[0] < 17:
+        return False
     if numba.config.CPU_NAME is not None:  # compiling for a named CPU: only what its features promise
         return "+avx512bf16" in (numba.config.CPU_FEATURES or "")
     return bool(llvmlite.binding.get_host_cpu_features().get("avx512bf16", False))

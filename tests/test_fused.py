@@ -223,6 +223,23 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly():
     assert kept[rows.numpy(), columns.numpy()].all()
 
 
+def test_pair_products_only_where_llvm_can_emit_them(monkeypatch):
+    """LLVM cannot emit VDPBF16PS for a CPU without AVX512-BF16 (nor name its operands before LLVM 17):
+    a numba told to compile for another CPU, or an old LLVM, turns PairProducts off."""
+    try:
+        monkeypatch.setattr(bf16dot.numba.config, "CPU_NAME", "generic")
+        for features, expected in [("", False), ("+avx512f,+avx512bf16", True)]:
+            monkeypatch.setattr(bf16dot.numba.config, "CPU_FEATURES", features)
+            bf16dot.supported.cache_clear()
+            assert bf16dot.supported() == expected
+        monkeypatch.setattr(bf16dot.llvmlite.binding, "llvm_version_info", (16, 0, 0))
+        bf16dot.supported.cache_clear()
+        assert not bf16dot.supported()
+    finally:
+        monkeypatch.undo()
+        bf16dot.supported.cache_clear()
+
+
 def test_pairs_pack_two_bfloat16_columns_to_an_int32():
     """Column 2j in the low half (little-endian), 2j + 1 in the high; an odd count gets a zero column,
     and padding rows (pairs) or columns (pairs_by_column) are zero."""
