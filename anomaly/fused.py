@@ -99,6 +99,8 @@ def chunk_minima(product: torch.Tensor | PairProduct, terms: Terms, start: int, 
     with _team():
         smallest = np.full((numba.get_num_threads(), product.shape[1]), np.inf, np.float32)
         if isinstance(product, PairProduct):
+            if chunk > bf16dot.ROWS:
+                raise ValueError(f"a PairProduct's chunks are at most {bf16dot.ROWS} pixels, got {chunk}")
             _pair_minima(product.gallery, product.gallery_norms, product.queries, product.query_norms,
                          *terms.arrays(), start, chunk, reach, minima, hits, smallest)
         else:

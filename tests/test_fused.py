@@ -189,6 +189,8 @@ def test_pair_product_minima_match_numpy(columns, count, grids, threads, monkeyp
     minima = fused.chunk_minima(product, terms, 11, chunk, within, exact)
     reach = within.numpy() * np.float32(1 + 1e-6)
     np.testing.assert_array_equal(minima.hits, (minima.values.numpy() <= reach).sum(1))
+    with pytest.raises(ValueError, match="at most 8 pixels"):
+        fused.chunk_minima(product, terms, 11, bf16dot.ROWS + 1, within, exact)
 
 
 @needs_bf16dot
