@@ -1,10 +1,12 @@
 """bfloat16 dot products on AVX512-BF16, for compiled loops that use a product's entries as they form them.
 
 A matrix product handed to a library has to be written out in full before a loop can reduce it: for
-the search's bounded product (32 columns, see :mod:`anomaly.search`) that write and the read after it
-took longer than the multiplying. :func:`tile` instead computes a small tile of entries in registers,
-with the CPU's ``VDPBF16PS`` instruction (16 float32 lanes, each adding the products of a pair of
-bfloat16 values, exact, to its sum), and hands back only each lane's minimum over the tile's rows.
+the search's bounded product (28 columns, see :mod:`anomaly.search`) that write and the read after it
+took longer than the multiplying. :func:`tile` instead forms a small tile of entries in registers
+(ROWS gallery rows x LANES queries): it starts each sum from the entry's other terms (weighted rows of
+float32 values), adds the product with the CPU's ``VDPBF16PS`` instruction (16 float32 lanes, each
+adding the products of a pair of bfloat16 values, exact, to its sum), and hands back only each
+query's minimum over the tile's rows.
 
 Operands are packed in pairs of bfloat16 columns, one int32 each (:func:`pairs`): a gallery row's pair is
 broadcast to all lanes, and 16 queries' pairs are read as one vector, so the queries' side is stored
