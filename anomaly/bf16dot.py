@@ -114,7 +114,7 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
         def stride(array, axis):
             return builder.extract_value(array.strides, axis)
 
-        def spread(value, kind):  # a scalar in every lane
+        def broadcast(value, kind):  # a scalar in every lane
             vector = ir.VectorType(value.type, 16)
             lanes = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
             return builder.bitcast(builder.shuffle_vector(lanes, ir.Constant(vector, ir.Undefined),
@@ -122,7 +122,7 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
 
         sums = [[cgutils.alloca_once(builder, _F32) for _ in range(VECTORS)] for _ in range(ROWS)]  # in registers
         for r in range(ROWS):
-            first = spread(builder.load(at(base_array, builder.mul(constant(r), stride(base_array, 0)),
+            first = broadcast(builder.load(at(base_array, builder.mul(constant(r), stride(base_array, 0)),
                                            ir.FloatType()), align=4), _F32)
             for v in range(VECTORS):
                 builder.store(first, sums[r][v])
@@ -134,7 +134,7 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
             for r in range(ROWS):
                 address = builder.add(builder.mul(constant(r), stride(weights_array, 0)),
                                       builder.mul(loop.index, stride(weights_array, 1)))
-                weight = spread(builder.load(at(weights_array, address, ir.FloatType()), align=4), _F32)
+                weight = broadcast(builder.load(at(weights_array, address, ir.FloatType()), align=4), _F32)
                 for v in range(VECTORS):
                     builder.store(builder.call(fma, [weight, terms[v], builder.load(sums[r][v])]), sums[r][v])
         first_row, first_column = builder.mul(row, stride(gallery_array, 0)), builder.mul(column, constant(4))
@@ -145,7 +145,7 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
             pair_offset = builder.add(first_row, builder.mul(loop.index, constant(4)))
             for r in range(ROWS):
                 address = builder.add(pair_offset, builder.mul(constant(r), stride(gallery_array, 0)))
-                pair = spread(builder.load(at(gallery_array, address, ir.IntType(32)), align=4), _BF16)
+                pair = broadcast(builder.load(at(gallery_array, address, ir.IntType(32)), align=4), _BF16)
                 for v in range(VECTORS):
                     builder.store(builder.call(dpbf16ps, [builder.load(sums[r][v]), query[v], pair]), sums[r][v])
         for v in range(VECTORS):

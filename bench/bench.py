@@ -12,6 +12,8 @@ Sections (``--section``, repeatable; default all but ``bank5000``):
                  ranking, which reads the same levels; the stacking is also reported apart;
                  achieved FLOP/s against this machine's own matrix-multiply throughput measured
                  in the same run; how often the two rankings' distances differ at all.
+* ``bound``      one bounded block of the pixel search: the bound multiplied by oneDNN, written
+                 out and reduced, against formed in registers by the reducing loop (AVX512-BF16).
 * ``accuracy``   pixel ROC AUC / PRO (and image ROC AUC) with float32 and with bfloat16 ranking
                  over the whole test set, and how far their maps differ.
 * ``throughput`` bank building and image-level scoring in images/s against the backbone's bare
@@ -42,7 +44,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly import SPADE, allocator, fused, search  # noqa: E402  (first: it sets torch's allocator up)
+from anomaly import SPADE, allocator, bf16dot, fused, search  # noqa: E402  (first: it sets torch's allocator up)
 from anomaly.bank import PyramidSpill  # noqa: E402
 from anomaly.datasets import MVTecCategory, load_mvtec_category  # noqa: E402
 from anomaly.demo import make_demo_dataset  # noqa: E402
@@ -52,7 +54,7 @@ from anomaly.threads import configure_threads  # noqa: E402
 
 import torch  # noqa: E402
 
-SECTIONS = ("pixel", "accuracy", "throughput", "memory", "scaling", "bank5000")
+SECTIONS = ("pixel", "bound", "accuracy", "throughput", "memory", "scaling", "bank5000")
 
 
 # ---- measuring ------------------------------------------------------------------------
@@ -282,6 +284,57 @@ def section_pixel(args) -> None:
           f"resolution, and {np.mean(bounded['fp32']):.0%} (fp32) and {np.mean(bounded['bf16']):.0%} (bf16) of the "
           f"finest-grid products are the rank-{search.BOUND_RANK} bound. bf16 against fp32 ranking: "
           f"{np.mean(differ):.4%} of pixel distances differ at all, by at most {bf16_gap:.2g} (relative).")
+
+
+def section_bound(args) -> None:
+    """One bounded block, the pixel search's most frequent piece of work: the first test image's first
+    query tile against its nearest normal image, the bound multiplied and written out (oneDNN) and then
+    reduced by the minima loop, against formed in registers by the minima loop itself (PairProduct)."""
+    if not bf16dot.supported():
+        print("\n(section bound: no AVX512-BF16 here, so the bound is always multiplied and written out)")
+        return
+    data = category(args)
+    fitted = model(args, calibration_images=0).fit(data.train)
+    [(query, neighbours)] = test_features(fitted, spread([entry.item for entry in data.test], 1))
+    gallery = [torch.from_numpy(np.ascontiguousarray(np.asarray(level[neighbours[0]]).transpose(1, 2, 0)))
+               for level in fitted.bank.pyramid]
+    query = [level.float().permute(1, 2, 0).contiguous() for level in query]
+    pixels = query[0].shape[0] * query[0].shape[1]
+    rows = slice(0, pixels // -(-pixels // search.QUERY_TILE))  # the search's first query tile
+    plans = {"in registers": search._Plan(query, torch.bfloat16, search.FACTOR_MIN_CHANNELS["bf16"])}
+    plans["written out"] = search._Plan(query, torch.bfloat16, search.FACTOR_MIN_CHANNELS["bf16"])
+    plans["written out"]._pairs = None  # as on a CPU without AVX512-BF16
+    if plans["in registers"]._basis is None:
+        print("\n(section bound: these features fail the bound's rule, so it is not used)")
+        return
+    within = torch.full((rows.stop - rows.start,), float("inf"))
+    images = {name: plan.gallery(gallery) for name, plan in plans.items()}
+    blocks = {name: plan.distances(images[name], rows, True) for name, plan in plans.items()}
+    tolerance = {name: plan.tolerance(images[name]).rows(rows) for name, plan in plans.items()}
+    repeat = 20  # calls per timing: one takes a fraction of a millisecond
+
+    def loop(work: Callable[[], object]) -> Callable[[], None]:
+        return lambda: [work() for _ in range(repeat)]
+
+    written = plans["written out"]
+    best = best_times({
+        "product": loop(lambda: search._matmul(images["written out"].bound, written._bound[rows])),
+        "written": loop(lambda: blocks["written out"].chunk_minima(within, tolerance["written out"])),
+        "registers": loop(lambda: blocks["in registers"].chunk_minima(within, tolerance["in registers"])),
+    }, max(args.repeats, 5))
+    gallery_pixels, queries = blocks["written out"].product.shape
+    flops = 2.0 * gallery_pixels * queries * search.BOUND_RANK
+    peak = matmul_rate(torch.bfloat16)
+    totals = {"written out (oneDNN product, then the minima loop)": best["product"] + best["written"],
+              "in registers (the minima loop forms it)": best["registers"]}
+    table(f"One bounded block: {gallery_pixels} gallery x {queries} query pixels, rank {search.BOUND_RANK}, "
+          f"{args.backbone} (best of {max(args.repeats, 5)} x {repeat} calls, in turns)",
+          ["bound", "ms per block", "GFLOP/s of the bound's products", "of the bf16 matmul peak"],
+          [[name, seconds / repeat * 1e3, flops / (seconds / repeat) / 1e9, f"{flops / (seconds / repeat) / peak:.0%}"]
+           for name, seconds in totals.items()])
+    print(f"Written out: the product {best['product'] / repeat * 1e3:.3f} ms, the minima loop reading it back "
+          f"{best['written'] / repeat * 1e3:.3f} ms. Both paths include the coarse terms and the chunk minima. "
+          f"bf16 matmul peak here {peak / 1e9:.0f} GFLOP/s.")
 
 
 def section_accuracy(args) -> None:
