@@ -424,10 +424,13 @@ class _Plan:
     Thin levels are upsampled and multiplied on the finest grid, in ``dtype``. Thick coarse
     levels (``native_from`` channels or more) are multiplied at native resolution on both
     sides, in float32 as that is cheap there; the products are interpolated over the query
-    grid once per gallery image, and over the gallery grid inside the compiled pass.
+    grid once per gallery image, and over the gallery grid inside the compiled pass. A bfloat16
+    bound is formed in registers (a :class:`anomaly.fused.PairProduct`) where the CPU can, unless
+    ``registers`` is False; otherwise it is multiplied and written out.
     """
 
-    def __init__(self, query: list[torch.Tensor], dtype: torch.dtype, native_from: int) -> None:
+    def __init__(self, query: list[torch.Tensor], dtype: torch.dtype, native_from: int, registers: bool = True
+                 ) -> None:
         self.dtype = dtype
         self.size = tuple(query[0].shape[:2])
         self.channels = [part.shape[-1] for part in query]
@@ -446,18 +449,21 @@ class _Plan:
         # (noise-like features), and the bound lets through too much to pay.
         self._rows = np.ascontiguousarray(direct.numpy())
         self._basis: torch.Tensor | None = None  # (BOUND_RANK + 4, C_direct + 4), as _principal_directions
-        self._bound: torch.Tensor | None = None  # the query side's operand of the bounded product
+        # The query side of the bound, one of: the operand of a product written out, or (formed in registers,
+        # see PairProduct) -2 q in bf16dot pairs and |q|^2.
+        self._bound: torch.Tensor | None = None
+        self._pairs: tuple[np.ndarray, np.ndarray] | None = None
         if direct.shape[1] >= max(BOUND_MIN_CHANNELS, BOUND_RANK + 1):
             basis, kept = _principal_directions(direct, BOUND_RANK)
             if kept >= BOUND_MIN_KEPT:
                 self._basis = basis
                 projected = _matmul(direct_rows, basis)[:, :-4]  # as distances() projects the gallery's
-                self._bound = _query_operand(projected, projected.pow(2).sum(1), dtype)
-        # A bfloat16 bound is multiplied where it is used, never written out, where the CPU can (see PairProduct).
-        self._pairs: tuple[np.ndarray, np.ndarray] | None = None  # its query side: -2 q in pairs, |q|^2
-        if self._bound is not None and dtype == torch.bfloat16 and bf16dot.supported():
-            self._pairs = (bf16dot.pairs_by_column((-2.0 * projected).to(dtype)),
-                           np.pad(projected.pow(2).sum(1).numpy(), (0, bf16dot.LANES)))
+                squares = projected.pow(2).sum(1)
+                if registers and dtype == torch.bfloat16 and bf16dot.supported():
+                    self._pairs = (bf16dot.pairs_by_column((-2.0 * projected).to(dtype)),
+                                   np.pad(squares.numpy(), (0, bf16dot.LANES)))
+                else:
+                    self._bound = _query_operand(projected, squares, dtype)
         # The native levels' own pixels, centred and measured as gallery() does the gallery's.
         natives = [(_stacked_rows([part], [center], tuple(part.shape[:2])), tuple(part.shape[:2]))
                    for part, center, native in zip(query, self.centers, self.native) if native]

@@ -301,9 +301,8 @@ def section_bound(args) -> None:
     query = [level.float().permute(1, 2, 0).contiguous() for level in query]
     pixels = query[0].shape[0] * query[0].shape[1]
     rows = slice(0, pixels // -(-pixels // search.QUERY_TILE))  # the search's first query tile
-    plans = {"in registers": search._Plan(query, torch.bfloat16, search.FACTOR_MIN_CHANNELS["bf16"])}
-    plans["written out"] = search._Plan(query, torch.bfloat16, search.FACTOR_MIN_CHANNELS["bf16"])
-    plans["written out"]._pairs = None  # as on a CPU without AVX512-BF16
+    plans = {name: search._Plan(query, torch.bfloat16, search.FACTOR_MIN_CHANNELS["bf16"], registers)
+             for name, registers in [("in registers", True), ("written out", False)]}
     if plans["in registers"]._basis is None:
         print("\n(section bound: these features fail the bound's rule, so it is not used)")
         return
