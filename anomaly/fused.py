@@ -318,15 +318,11 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
                     low[p] = min(low[p], _widen(src[p]) - s)
             _tally(low, reach, c, hits, smallest[numba.get_thread_id()])
         return
-    offsets = np.zeros(levels + 1, np.int64)
-    for k in range(levels):
-        offsets[k + 1] = offsets[k] + widths[k]
+    offsets = _level_offsets(widths)
     for y in numba.prange(rows.shape[1]):
         mixed = np.empty((offsets[levels], count), np.float32)
         row = np.empty(count, np.float32)
-        for k in range(levels):
-            _mix_down(coarse, rows[k, y, 0], rows[k, y, 1], row_weights[k, y, 0], row_weights[k, y, 1], start,
-                      mixed[offsets[k] : offsets[k + 1]])
+        _mix_down(coarse, rows, row_weights, y, start, offsets, mixed)
         for c in range(runs):
             low = minima[y * runs + c]
             low[:] = np.inf
@@ -360,14 +356,10 @@ def _pair_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row
     count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
     lanes, most = bf16dot.LANES, bf16dot.ROWS
     runs = (width + chunk - 1) // chunk
-    offsets = np.zeros(levels + 1, np.int64)
-    for k in range(levels):
-        offsets[k + 1] = offsets[k] + widths[k]
+    offsets = _level_offsets(widths)
     for y in numba.prange(rows.shape[1]):
         mixed = np.empty((offsets[levels] + 1, count + lanes), np.float32)  # columns past count: read, never used
-        for k in range(levels):
-            _mix_down(coarse, rows[k, y, 0], rows[k, y, 1], row_weights[k, y, 0], row_weights[k, y, 1], start,
-                      mixed[offsets[k] : offsets[k + 1], :count])
+        _mix_down(coarse, rows, row_weights, y, start, offsets, mixed[:, :count])
         mixed[offsets[levels]] = query_norms[start : start + count + lanes]
         sources = np.empty(2 * most * levels + 1, np.int64)
         weights = np.empty((most, 2 * most * levels + 1), np.float32)
@@ -426,13 +418,28 @@ def _reach(within, offset, slack, roundoff):
 
 
 @_compiled(inline="always", **_FLAGS)
-def _mix_down(coarse, top, bottom, a0, a1, start, out):
-    """``out[j] = a0 * coarse[top + j] + a1 * coarse[bottom + j]`` over the query columns from ``start``."""
+def _level_offsets(widths):
+    """Where each native level's columns start among the mixed rows of :func:`_mix_down`, then their total."""
+    offsets = np.zeros(widths.shape[0] + 1, np.int64)
+    for k in range(widths.shape[0]):
+        offsets[k + 1] = offsets[k] + widths[k]
+    return offsets
+
+
+@_compiled(inline="always", **_FLAGS)
+def _mix_down(coarse, rows, row_weights, y, start, offsets, out):
+    """Gallery row y's native rows of every level k, mixed down from two coarse rows each, over the query
+    columns from ``start``: ``out[offsets[k] + j] = a0 * coarse[rows[k, y, 0] + j] + a1 * coarse[rows[k, y, 1] + j]``
+    with (a0, a1) = ``row_weights[k, y]``."""
     count = out.shape[1]
-    for j in range(out.shape[0]):
-        upper, lower, target = coarse[top + j, start : start + count], coarse[bottom + j, start : start + count], out[j]
-        for p in range(count):
-            target[p] = a0 * upper[p] + a1 * lower[p]
+    for k in range(rows.shape[0]):
+        a0, a1 = row_weights[k, y, 0], row_weights[k, y, 1]
+        for j in range(offsets[k + 1] - offsets[k]):
+            upper = coarse[rows[k, y, 0] + j, start : start + count]
+            lower = coarse[rows[k, y, 1] + j, start : start + count]
+            target = out[offsets[k] + j]
+            for p in range(count):
+                target[p] = a0 * upper[p] + a1 * lower[p]
 
 
 @_compiled(parallel=True, **_FLAGS)
