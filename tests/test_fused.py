@@ -392,3 +392,15 @@ def test_compiles_in_memory_where_nothing_can_be_cached(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) < 1e-3
+
+
+@pytest.mark.parametrize("k", [1, 3, 17, 40, 200])
+def test_smallest_entries_rank_by_value_then_arrival(k):
+    """The heap that prune and smallest select with, against numpy's stable sort: many ties, k below,
+    near and above the group's size, and a group that lists entries out of order."""
+    rng = np.random.default_rng(k)
+    values = rng.integers(0, 9, 120).astype(np.float32)
+    values[rng.integers(0, 120, 5)] = np.inf
+    group = rng.permutation(120)[:57]
+    got = fused._smallest_entries(values, group, k)
+    np.testing.assert_array_equal(got, group[np.argsort(values[group], kind="stable")][:k])
