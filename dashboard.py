@@ -6,7 +6,7 @@ Set ANOMALY_DEMO_SMALL=1 for a tiny built-in demo (tests, slow machines).
 
 import streamlit as st
 
-from anomaly.app import session
+from anomaly.app import cache, session
 from anomaly.app.widgets import plain
 
 st.set_page_config(page_title="SPADE anomaly detection", page_icon=":material/search_insights:", layout="wide")
@@ -36,6 +36,7 @@ def summarise_session() -> None:
             st.caption(f"Batch: {len(batch.results):,} images scored")
 
 
+cache.search_warm_up()
 summarise_session()
 page.run()
 summarise_session()  # not reached when a page stops early, which it does only when it changed nothing

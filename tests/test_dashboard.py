@@ -95,6 +95,23 @@ def test_home_offers_the_demo_and_every_page():
     assert len(at.get("page_link")) == 5
 
 
+def test_opening_the_dashboard_compiles_the_pixel_search_once_in_the_background(monkeypatch):
+    import threading
+
+    from anomaly.app import cache
+
+    calls: list[str] = []
+    monkeypatch.setattr(cache, "warm_up", lambda: calls.append(threading.current_thread().name))
+    cache.search_warm_up.clear()
+    fresh()
+    fresh()  # a rerun, or a second browser tab: nothing more
+    thread = cache.search_warm_up()
+    thread.join(timeout=60)
+    assert calls == ["search-warm-up"]
+    assert not thread.daemon  # a daemon still in torch at exit aborts the interpreter
+    cache.search_warm_up.clear()  # the next opening warms up for real again
+
+
 @pytest.mark.parametrize("page", ["pages/bank.py", "pages/score.py", "pages/inspect.py", "pages/sanity.py",
                                   "pages/evaluate.py"])
 def test_every_page_runs_inside_the_navigation_even_without_a_bank(page):

@@ -262,3 +262,51 @@ def test_knn_and_index_agree_with_brute_force():
     d2, i2 = search.build_index(gallery).search(queries, 7)
     np.testing.assert_array_equal(i, i2)
     assert search.knn(queries, gallery, 100)[0].shape == (5, 40)  # k clipped to the gallery
+
+
+WARM_UP_THEN_REAL = """
+import json, sys
+from pathlib import Path
+
+import numba
+from anomaly import bf16dot, fused, search
+from anomaly.sources import collect_inputs
+from anomaly.spade import SPADE
+sys.path.insert(0, "tests")
+from imagegen import write_images
+
+def signatures():
+    return {f"{module.__name__}.{name}": len(value.signatures) for module in (fused, bf16dot)
+            for name, value in vars(module).items() if isinstance(value, numba.core.registry.CPUDispatcher)}
+
+precision, folder = sys.argv[1], Path(sys.argv[2])
+write_images(folder / "train", range(5))
+write_images(folder / "test", [7], defect=True)
+search.warm_up(precision)
+warm = signatures()
+model = SPADE(backbone="efficientnet_lite0", k=3, precision=precision, calibration_images=2)
+model.fit(collect_inputs([folder / "train"]).items)
+results = list(model.score(collect_inputs([folder / "test"]).items, maps=True))
+print(json.dumps({"warm": warm, "real": signatures(), "maps": sum(r.anomaly_map is not None for r in results)}))
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_warm_up_compiles_everything_a_real_search_uses(precision, tmp_path):
+    """In a fresh process, after warm_up, fitting a bank (calibration maps) and scoring with maps compile
+    nothing more: every loop they call was already compiled (or loaded from numba's cache) for their types."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-c", WARM_UP_THEN_REAL, precision, str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["maps"] == 1
+    assert found["warm"]["anomaly.fused._chunk_minima"] >= 1  # the warm-up did run the search
+    if precision == "bf16" and bf16dot.supported():
+        assert found["warm"]["anomaly.fused._pair_minima"] == 1  # and took the bound in registers
+    assert found["real"] == found["warm"]

@@ -13,8 +13,10 @@ finished, on a cache hit. Arguments starting with ``_`` are the objects the key 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +28,7 @@ from ..datasets import MVTecCategory
 from ..evaluation import Report, evaluate
 from ..imageio import ImageLoadError, load_image
 from ..metrics import roc_curve_points
+from ..search import warm_up
 from ..sources import InputItem
 from ..spade import SPADE, ImageResult
 from . import findings
@@ -37,6 +40,25 @@ from .render import to_uint8
 def extractor(backbone: str, weights: str | None = None) -> FeatureExtractor:
     """The feature extractor, loaded once per process; ``"auto"`` may fall back (see ``.notice``)."""
     return load_extractor(backbone, weights)
+
+
+@st.cache_resource(show_spinner=False)
+def search_warm_up() -> threading.Thread:
+    """The pixel search's loops compiling in the background, started once per process as the dashboard
+    opens: with an empty numba cache that takes about 20 s, which the first bank's calibration maps would
+    otherwise wait for while the user is still choosing images."""
+    def run() -> None:
+        try:
+            warm_up()
+        except Exception as exc:  # the first real search compiles instead, and reports its own errors
+            logging.getLogger(__name__).warning("pixel search warm-up failed: %s", exc)
+
+    # Not a daemon (which it would inherit from the script's thread): the interpreter waits for it at exit.
+    # A daemon thread still inside a torch call there aborted the process ("terminate called without an
+    # active exception").
+    thread = threading.Thread(target=run, name="search-warm-up", daemon=False)
+    thread.start()
+    return thread
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
