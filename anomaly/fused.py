@@ -14,7 +14,7 @@ grid, and recompute the candidates' exact distances, mixing each pixel's taps as
 ``F.interpolate`` does. Each replaced a dozen or more torch calls, whose fixed costs add up
 at about 200 blocks and 50 gallery images per query image.
 
-numba compiles the loops on first use (about 23 s for a bfloat16 search's, then cached on disk). The minima
+numba compiles the loops on first use (about 20 s for a bfloat16 search's, then cached on disk). The minima
 loop runs on numba's own thread team (OpenMP or TBB where available), as many threads as
 torch uses; that measured 10-15% faster per search than handing row ranges to a Python
 thread pool.
