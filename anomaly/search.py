@@ -77,8 +77,9 @@ GALLERY_TILE = 4096
 # At most this many candidates per query go to the exact recompute. Only exact ties (a
 # uniform image, duplicated normals) come near it; the cap then keeps the best-ranked ones.
 MAX_CANDIDATES = 256
-# Unit roundoff of bfloat16 (8 significant bits) and float32 (24).
-BF16_ROUNDOFF = 2.0**-9
+# Unit roundoff 2^-p of bfloat16 (p = 8 significant bits) and float32 (p = 24): rounding to nearest moves a
+# value by at most this share of it (bfloat16(8.03) = 8, off by 0.0037 of it).
+BF16_ROUNDOFF = 2.0**-8
 FP32_ROUNDOFF = 2.0**-24
 # Coarse levels with at least this many channels are multiplied at native resolution (see
 # _Plan); for thinner ones, upsampling and multiplying on the finest grid is cheaper. The
@@ -552,7 +553,7 @@ class _Plan:
         instead of 3. Without any of this, pixels far from the query's mean lose neighbours closer
         than float32 resolves at their norms.
 
-        bfloat16 ranking adds its own: rounding each operand entry (relative u = 2^-9) moves
+        bfloat16 ranking adds its own: rounding each operand entry (relative u = 2^-8) moves
         -2 q.g by at most 2 (2u + u^2) |q| |g| (Cauchy-Schwarz) and the hi/lo norm columns by
         u^2 (|q|^2 + |g|^2); rounding the product itself, a distance, adds u of it.
         """

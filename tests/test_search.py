@@ -161,6 +161,24 @@ def test_bf16_ranking_still_finds_neighbours_closer_than_its_rounding(kappa, pro
     assert_matches(got, want)
 
 
+def test_bf16_tolerance_covers_every_rounded_distance():
+    """Each bfloat16 ranking distance r (a product of rounded rows, written out) lies within the plan's
+    tolerance of the exact distance d: |r - offset - d| <= slack + roundoff * d. Rows near 8 = 2^3 round
+    by up to 2^-8 of their size, twice the 2^-9 once assumed."""
+    rng = np.random.default_rng(11)
+    rows = (np.where(np.arange(600) % 2, 8.03, -8.03)[:, None] * np.eye(16)[0]
+            + rng.normal(size=(600, 16)) * 0.3).astype(np.float32)
+    queries, gallery = torch.from_numpy(rows[:100]), torch.from_numpy(rows[100:])
+    plan = search._Plan([queries[None]], torch.bfloat16, search.FACTOR_MIN_CHANNELS["bf16"])
+    image = plan.gallery([gallery[None]])
+    tolerance = plan.tolerance(image)
+    ranking = plan.distances(image, slice(0, 100)).product.double().numpy()
+    exact = ((gallery.double()[:, None] - queries.double()[None]) ** 2).sum(-1).numpy()
+    error = np.abs(ranking - tolerance.offset - exact)
+    assert (error <= tolerance.slack + tolerance.roundoff * exact).all()
+    assert (error > 0.5 * tolerance.slack).any()  # the bound is not loose here
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_ranking_finds_neighbours_closer_than_float32_resolves_far_from_the_centre(precision, products):
     """Queries far from their mean (norms about 1,000 after centring) with neighbours at distances
