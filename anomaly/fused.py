@@ -112,15 +112,19 @@ def chunk_minima(product: torch.Tensor | PairProduct, terms: Terms, start: int, 
 class Tolerance:
     """What a query's ranking distances r to one gallery image say about the exact ones d:
     ``r - offset`` lies within ``d * (1 +- roundoff) +- slack``. So d is at least
-    ``(r - offset - slack) / (1 + roundoff)`` and at most ``(r - offset + slack) / (1 - roundoff)``."""
+    ``(r - offset - slack) / (1 + roundoff)`` and at most ``(r - offset + slack) / (1 - roundoff)``.
+    A distance the screen forms again from exact rows (see :func:`screen`) lies within ``exact_slack``
+    of d, with no roundoff: in bfloat16 ranking that is float32's bound, far tighter."""
 
     offset: np.ndarray  # (P,) float32: the query's own interpolation spread, in every ranking distance
     slack: np.ndarray  # (P,) float32 absolute error bound
     roundoff: float  # relative error bound (rounding of a bfloat16 product itself)
+    exact_slack: np.ndarray | None = None  # (P,) float32, for distances formed from exact rows; None: slack
 
     def rows(self, rows: slice) -> "Tolerance":
         """The tolerance of queries ``rows`` only (views)."""
-        return Tolerance(self.offset[rows], self.slack[rows], self.roundoff)
+        exact_slack = None if self.exact_slack is None else self.exact_slack[rows]
+        return Tolerance(self.offset[rows], self.slack[rows], self.roundoff, exact_slack)
 
 
 def screen(product: torch.Tensor | PairProduct, terms: Terms, start: int, chunk: int, minima: Minima,
@@ -135,15 +139,18 @@ def screen(product: torch.Tensor | PairProduct, terms: Terms, start: int, chunk:
     gallery pixels) of the entries whose lower end is within it.
 
     With ``exact`` (all query rows (P, C) and the gallery's rows (H * W, >= C), float32), ``product``
-    is only a lower bound of the finest-grid part: an entry that passes has that part recomputed as
-    ``sum((q - g)^2)`` over those C columns, and then is tested as any other.
+    is only a lower bound or an approximation of the finest-grid part: an entry that passes has that part
+    recomputed as ``sum((q - g)^2)`` over those C columns, and then is tested as any other, bracketed by
+    the tolerance's ``exact_slack``.
     """
     query_rows, gallery_rows = (_NO_ROWS, _NO_ROWS) if exact is None else exact
     product = _NO_PRODUCT if isinstance(product, PairProduct) else _as_numpy(product)
     with _team():
         found = _screen(product, *terms.arrays(), start, chunk, minima.values.numpy(), minima.hits,
                         (minima.smallest if kth is None else kth).numpy(), within.numpy(), tolerance.offset,
-                        tolerance.slack, np.float32(tolerance.roundoff), query_rows, gallery_rows)
+                        tolerance.slack, np.float32(tolerance.roundoff),
+                        tolerance.slack if tolerance.exact_slack is None else tolerance.exact_slack,
+                        query_rows, gallery_rows)
     return tuple(torch.from_numpy(array) for array in found)
 
 
@@ -444,7 +451,7 @@ def _mix_down(coarse, rows, row_weights, y, start, offsets, out):
 
 @_compiled(parallel=True, **_FLAGS)
 def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, minima, hits, kth,
-            within, offset, slack, roundoff, query_rows, gallery_rows):
+            within, offset, slack, roundoff, exact_slack, query_rows, gallery_rows):
     """Lower ``within``, then scan the chunks with hits for minima that pass (about one chunk per query,
     so 64 queries at a time are first counted), and form their entries, a chunk's in turn (on the
     thread team where there are many), kept in the order of the scan."""
@@ -480,13 +487,13 @@ def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, sprea
     if passed < _PARALLEL_PAIRS:
         for i in range(passed):
             kept[i] = _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread, start, chunk,
-                                    flat[i], within, reach, offset, slack, roundoff, query_rows, gallery_rows, lower,
-                                    upper, columns, pixels, i * chunk)
+                                    flat[i], within, reach, offset, slack, roundoff, exact_slack, query_rows,
+                                    gallery_rows, lower, upper, columns, pixels, i * chunk)
     else:
         for i in numba.prange(passed):
             kept[i] = _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread, start, chunk,
-                                    flat[i], within, reach, offset, slack, roundoff, query_rows, gallery_rows, lower,
-                                    upper, columns, pixels, i * chunk)
+                                    flat[i], within, reach, offset, slack, roundoff, exact_slack, query_rows,
+                                    gallery_rows, lower, upper, columns, pixels, i * chunk)
     found = 0
     for i in range(passed):
         for j in range(i * chunk, i * chunk + kept[i]):
@@ -502,7 +509,8 @@ _PARALLEL_PAIRS = 64
 
 @_compiled(inline="always", **_FLAGS)
 def _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread, start, chunk, pair, within, reach,
-                  offset, slack, roundoff, query_rows, gallery_rows, lower, upper, columns, pixels, slot):
+                  offset, slack, roundoff, exact_slack, query_rows, gallery_rows, lower, upper, columns, pixels,
+                  slot):
     """The entries of one passing (chunk, query) ``pair`` (chunk * P_t + query column) whose lower end is
     within their query's bound, written from ``slot`` on; returns how many."""
     count, width = within.shape[0], cols.shape[1]
@@ -513,20 +521,24 @@ def _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread,
     found = slot
     for x in range(first, min(first + chunk, width)):
         g = y * width + x
-        # A bound's entries are formed again with the finest grid exact: those of a product that was written
-        # out where they come within reach; all of a PairProduct's (forming its entry costs about as much).
-        bound = product.shape[0] == 0
-        if not bound:
+        # With exact rows, entries are formed again with the finest grid exact: those of a product that was
+        # written out where they come within reach; all of a PairProduct's (forming its entry costs about as
+        # much). They are then bracketed by the exact slack alone.
+        formed = product.shape[0] == 0
+        if not formed:
             value = _entry(_widen(product[g, p]), coarse, rows, row_weights, cols, col_weights, spread, y, x, g,
                            start + p)
-            bound = query_rows.shape[1] > 0 and value <= reach[p]
-        if bound:
+            formed = query_rows.shape[1] > 0 and value <= reach[p]
+        if formed:
             value = _entry(_squared_distance(query_rows[start + p], gallery_rows[g]), coarse, rows, row_weights, cols,
                            col_weights, spread, y, x, g, start + p)
         if value <= reach[p]:
-            low = (value - offset[p] - slack[p]) / grow
+            if formed:
+                low, high = value - offset[p] - exact_slack[p], value - offset[p] + exact_slack[p]
+            else:
+                low, high = (value - offset[p] - slack[p]) / grow, (value - offset[p] + slack[p]) / shrink
             if low <= within[p]:
-                lower[found], upper[found] = low, (value - offset[p] + slack[p]) / shrink
+                lower[found], upper[found] = low, high
                 columns[found], pixels[found] = p, g
                 found += 1
     return found - slot

@@ -178,7 +178,7 @@ def executed_work(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbou
 
     def recording(plan, *args, **kwargs):
         block = distances(plan, *args, **kwargs)
-        blocks.append(block.exact is not None)
+        blocks.append(block.bounded)
         if isinstance(block.product, fused.PairProduct):
             gallery, queries = block.product.shape
             flops[0] += 2.0 * gallery * queries * 2 * block.product.gallery.shape[1]

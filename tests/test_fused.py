@@ -149,6 +149,33 @@ def test_screen_makes_a_bounded_product_exact(grids):
     assert kept[rows.numpy(), columns.numpy()].all()
 
 
+def test_entries_formed_from_exact_rows_are_bracketed_by_the_exact_slack():
+    """A bfloat16 product written out is only near the finest-grid distances; given the exact rows, the
+    screen forms the entries that pass again and brackets them by the exact slack alone (float32's, far
+    tighter than bfloat16's), so exactly those whose exact lower end is within the bound come back."""
+    rng = np.random.default_rng(9)
+    size, grids, start, chunk, count = (9, 11), ((5, 4),), 11, 8, 23
+    terms = random_terms(rng, size, grids, 40)
+    query_rows = rng.normal(size=(40, 5)).astype(np.float32)
+    gallery_rows = np.concatenate([rng.normal(size=(99, 5)), np.full((99, 4), 1e6)], 1).astype(np.float32)
+    direct = ((gallery_rows[:, None, :5].astype(np.float64) - query_rows[None, start : start + count]) ** 2).sum(-1)
+    want = reference(torch.from_numpy(direct), terms, start, grids)
+    product = torch.from_numpy(direct).bfloat16()  # rounded: within 2^-8 of each distance
+    offset = rng.random(count).astype(np.float32)
+    tolerance = fused.Tolerance(offset, np.full(count, 0.5, np.float32), 2.0**-9, np.full(count, 1e-3, np.float32))
+    infinite = torch.full((count,), np.inf)
+    within = torch.from_numpy(np.quantile(want - offset, 0.1, axis=0).astype(np.float32))
+    minima = fused.chunk_minima(product, terms, start, chunk, within, tolerance)
+    lower, upper, columns, rows = fused.screen(product, terms, start, chunk, minima, infinite, within.clone(),
+                                               tolerance, (query_rows, gallery_rows))
+    exact = (want - offset)[rows.numpy(), columns.numpy()]
+    np.testing.assert_allclose(lower.numpy(), exact - 1e-3, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upper.numpy(), exact + 1e-3, rtol=1e-5, atol=1e-5)
+    kept = want - offset - 1e-3 <= within.numpy()
+    assert len(lower) == int(kept.sum()) > 0
+    assert kept[rows.numpy(), columns.numpy()].all()
+
+
 needs_bf16dot = pytest.mark.skipif(not bf16dot.supported(), reason="the CPU has no AVX512-BF16")
 
 

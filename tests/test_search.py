@@ -48,21 +48,21 @@ def products(request, monkeypatch):
         monkeypatch.setattr(search, "BOUND_BELOW", 2.0)
         monkeypatch.setattr(search, "BOUND_GIVE_UP", -1.0 if request.param == "bound given up" else 2.0)
         monkeypatch.setattr(search, "GALLERY_TILE", 8)  # flat galleries in several blocks
-        distances, screen = search._Plan.distances, fused.screen
+        distances, screen = search._Plan.distances, search._Block.screen
 
         def distances_spy(*args):
             block = distances(*args)
-            bounded.append(block.exact is not None)
-            if block.exact is not None and args[0].dtype == torch.bfloat16:
+            bounded.append(block.bounded)
+            if block.bounded and args[0].dtype == torch.bfloat16:
                 unwritten.append(isinstance(block.product, fused.PairProduct))
             return block
 
-        def screen_spy(*args):
-            screened.append(args[8] is not None)
-            return screen(*args)
+        def screen_spy(block, *args):
+            screened.append(block.bounded)
+            return screen(block, *args)
 
         monkeypatch.setattr(search._Plan, "distances", distances_spy)
-        monkeypatch.setattr(fused, "screen", screen_spy)
+        monkeypatch.setattr(search._Block, "screen", screen_spy)
     yield request.param
     if request.param != "full":
         assert any(bounded), "no bounded block was multiplied"
@@ -177,6 +177,29 @@ def test_bf16_tolerance_covers_every_rounded_distance():
     error = np.abs(ranking - tolerance.offset - exact)
     assert (error <= tolerance.slack + tolerance.roundoff * exact).all()
     assert (error > 0.5 * tolerance.slack).any()  # the bound is not loose here
+
+
+def test_bf16_ranking_keeps_as_few_candidates_as_float32_where_near_pixels_are_far_closer_than_its_rounding(
+        monkeypatch):
+    """Two uniform regions (pixels 0.01 apart, 20 apart across): bfloat16's rounding bound (about 1 here)
+    covers every pixel of a region, so entries bracketed by it kept hundreds of candidates per query. The
+    screen forms the entries that pass again from float32 rows and brackets them by float32's bound."""
+    rng = np.random.default_rng(10)
+    sides = np.where(np.arange(1200) % 2, 10.0, -10.0)[:, None] * np.eye(32)[0]
+    pixels = (sides + rng.normal(size=(1200, 32)) * 0.01).astype(np.float32)
+    queries, gallery = pixels[:200], pixels[200:]
+    candidates = {}
+    exact = search._exact
+
+    def counting(queries, images, query_ids, pixel_ids):
+        candidates[precision] = len(pixel_ids) / len(queries)
+        return exact(queries, images, query_ids, pixel_ids)
+
+    monkeypatch.setattr(search, "_exact", counting)
+    for precision in ("fp32", "bf16"):
+        got = search.pixel_knn(torch.from_numpy(queries), torch.from_numpy(gallery), kappa=1, precision=precision)
+        assert_matches(got, brute_force(queries, gallery, 1))
+    assert candidates["bf16"] <= 2 * candidates["fp32"] + 1, candidates
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
