@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from .sources import collect_inputs, safe_join
 from .spade import IMAGE_SCORES, SPADE
 
 EXIT_OK, EXIT_INPUT_ERRORS, EXIT_FAILED = 0, 1, 2
+# The pixel search's loops compile on a machine's first run (about 20 s, then 0.2 s from numba's disk
+# cache): said only when preparing them takes longer than this, so a first run's pause is not taken for a hang.
+COMPILE_NOTICE_AFTER_S = 3.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,6 +106,17 @@ def _announce(model: SPADE) -> None:
          f"{search.resolve_precision(model.precision)}")
 
 
+def _prepare_pixel_search(model: SPADE) -> None:
+    """Compile (or load) the pixel search's loops before the first map, saying so if that takes a while."""
+    notice = threading.Timer(COMPILE_NOTICE_AFTER_S, _say,
+                             ["compiling the pixel search (first run on this machine, about 20 s; cached afterwards)"])
+    notice.start()
+    try:
+        search.warm_up(model.precision)
+    finally:
+        notice.cancel()
+
+
 def _progress(desc: str):
     """A tqdm bar on stderr, created on the first report so it knows its total."""
     bars: list[tqdm] = []
@@ -122,6 +137,8 @@ def run_fit(args: argparse.Namespace) -> int:
         _say(f"error: {message}")
     model = SPADE(**_params(args))
     _announce(model)
+    if model.calibration_images:
+        _prepare_pixel_search(model)
     model.fit(collection.items, progress=_progress("fit"))
     bank = model.bank
     for message in bank.skipped:
@@ -148,6 +165,8 @@ def run_score(args: argparse.Namespace) -> int:
     for message in collection.errors:
         _say(f"error: {message}")
     maps_dir = Path(args.maps) if args.maps else None
+    if maps_dir is not None or model.image_score == "map-max":
+        _prepare_pixel_search(model)
     failures = len(collection.errors)
     written: dict[Path, str] = {}
     out = Path(args.out)
@@ -200,6 +219,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         category = load_mvtec_category(root)
         model = SPADE(**_params(args))
         _announce(model)
+        _prepare_pixel_search(model)
         bars: dict[str, Callable[[int, int], None]] = {}
 
         def stage(name: str, done: int, total: int) -> None:

@@ -63,6 +63,28 @@ def test_score_writes_rows_maps_and_provenance(bank_path, tmp_path, capsys):
     assert "truncated" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("seconds, said", [(0.0, False), (1.0, True)])
+def test_a_slow_first_compile_is_announced(bank_path, tmp_path, capsys, monkeypatch, seconds, said):
+    """Maps prepare the pixel search first; when that takes long (a first run compiling its loops) a line
+    says so, and when it is quick (loops cached on disk) nothing is said."""
+    import time
+
+    from anomaly import cli, search
+
+    calls = []
+    monkeypatch.setattr(cli, "COMPILE_NOTICE_AFTER_S", 0.5)
+    monkeypatch.setattr(search, "warm_up", lambda precision: (calls.append(precision), time.sleep(seconds)))
+    test = tmp_path / "test"
+    write_images(test, [10])
+    assert main(["score", str(test), "--bank", str(bank_path), "--out", str(tmp_path / "s.csv"),
+                 "--maps", str(tmp_path / "maps"), *BACKBONE]) == 0
+    assert calls == ["auto"]
+    err = capsys.readouterr().err
+    assert ("compiling the pixel search (first run on this machine" in err) == said, err
+    main(["score", str(test), "--bank", str(bank_path), "--out", str(tmp_path / "s.csv"), *BACKBONE])
+    assert calls == ["auto"]  # no maps: nothing to prepare
+
+
 def test_tau_decides_anomalous(bank_path, tmp_path):
     write_images(tmp_path / "t", [20, 21])
     out = tmp_path / "s.csv"
