@@ -6,11 +6,13 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from anomaly import cli, search
 from anomaly.cli import main
 
 import hostile
@@ -67,10 +69,6 @@ def test_score_writes_rows_maps_and_provenance(bank_path, tmp_path, capsys):
 def test_a_slow_first_compile_is_announced(bank_path, tmp_path, capsys, monkeypatch, seconds, said):
     """Maps prepare the pixel search first; when that takes long (a first run compiling its loops) a line
     says so, and when it is quick (loops cached on disk) nothing is said."""
-    import time
-
-    from anomaly import cli, search
-
     calls = []
     monkeypatch.setattr(cli, "COMPILE_NOTICE_AFTER_S", 0.5)
     monkeypatch.setattr(search, "warm_up", lambda precision: (calls.append(precision), time.sleep(seconds)))

@@ -8,6 +8,7 @@ are cache hits; session state is per AppTest, as it is per browser tab.
 from __future__ import annotations
 
 import io
+import threading
 import zipfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 import hostile
 from anomaly import SPADE, collect_inputs
-from anomaly.app import findings, tables, workflows
+from anomaly.app import cache, findings, tables, workflows
 from anomaly.backbones import FeatureExtractor
 from anomaly.demo import make_demo_dataset
 from imagegen import png_bytes, texture
@@ -96,10 +97,6 @@ def test_home_offers_the_demo_and_every_page():
 
 
 def test_opening_the_dashboard_compiles_the_pixel_search_once_in_the_background(monkeypatch):
-    import threading
-
-    from anomaly.app import cache
-
     calls: list[str] = []
     monkeypatch.setattr(cache, "warm_up", lambda: calls.append(threading.current_thread().name))
     cache.search_warm_up.clear()

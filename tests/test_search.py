@@ -1,5 +1,10 @@
 """The search layer against brute force numpy on small cases."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -336,11 +341,6 @@ print(json.dumps({"warm": warm, "real": signatures(), "maps": sum(r.anomaly_map 
 def test_warm_up_compiles_everything_a_real_search_uses(precision, tmp_path):
     """In a fresh process, after warm_up, fitting a bank (calibration maps) and scoring with maps compile
     nothing more: every loop they call was already compiled (or loaded from numba's cache) for their types."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).parents[1]
     done = subprocess.run([sys.executable, "-c", WARM_UP_THEN_REAL, precision, str(tmp_path)], cwd=root,
                           capture_output=True, text=True, timeout=600)
