@@ -1,20 +1,22 @@
-"""bfloat16 dot products on AVX512-BF16, for compiled loops that use a product's entries as they form them.
+"""Dot products formed in registers, for compiled loops that use a product's entries as they form them:
+bfloat16 pairs on AVX512-BF16, float32 on AVX-512.
 
 A matrix product handed to a library has to be written out in full before a loop can reduce it: for
 the search's bounded product (28 columns, see :mod:`anomaly.search`) that write and the read after it
 took longer than the multiplying. :func:`tile` instead forms a small tile of entries in registers
 (ROWS gallery rows x LANES queries): it starts each sum from the entry's other terms (weighted rows of
-float32 values), adds the product with the CPU's ``VDPBF16PS`` instruction (16 float32 lanes, each
-adding the products of a pair of bfloat16 values, exact, to its sum), and hands back only each
-query's minimum over the tile's rows.
+float32 values), adds the product, and hands back only each query's minimum over the tile's rows. In
+bfloat16 the product comes from the CPU's ``VDPBF16PS`` instruction (16 float32 lanes, each adding the
+products of a pair of bfloat16 values, exact, to its sum); in float32 from fused multiply-adds, one
+column at a time.
 
-Operands are packed in pairs of bfloat16 columns, one int32 each (:func:`pairs`): a gallery row's pair is
-broadcast to all lanes, and 16 queries' pairs are read as one vector, so the queries' side is stored
-pair-major (:func:`pairs_by_column`).
+bfloat16 operands are packed in pairs of columns, one int32 each (:func:`pairs`; float32 ones stay as
+they are): a gallery row's pair (or value) is broadcast to all lanes, and 16 queries' pairs are read
+as one vector, so the queries' side is stored pair-major (:func:`pairs_by_column`).
 
 numba has no bfloat16 type and no vector types; :func:`tile` is written as LLVM IR through numba's
-``intrinsic``. LLVM can only emit it for a CPU with AVX512-BF16, so it must not be compiled elsewhere:
-:func:`supported` says whether it may be. numba's disk cache of the loops that use it is keyed on their own
+``intrinsic``. LLVM can only emit the bfloat16 one for a CPU with AVX512-BF16, and the float32 one keeps
+its 16 sums in registers only with AVX-512's 32: :func:`supported` says where each may be used. numba's disk cache of the loops that use it is keyed on their own
 file's contents only: after editing this one, delete ``anomaly/__pycache__/*.nbi`` and ``*.nbc``.
 """
 
@@ -38,20 +40,27 @@ ROWS = 8
 _INSTRUCTION = "llvm.x86.avx512bf16.dpbf16ps.512"
 
 
-@lru_cache(maxsize=1)
-def supported() -> bool:
+@lru_cache(maxsize=2)
+def supported(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether numba compiles for a CPU with AVX512-BF16 (its host, unless ``NUMBA_CPU_NAME`` says otherwise),
-    with an LLVM that names the instruction's operands ``bfloat`` (17 and later)."""
-    if llvmlite.binding.llvm_version_info[0] < 17:
+    with an LLVM that names the instruction's operands ``bfloat`` (17 and later); for float32 tiles, a CPU
+    with AVX-512 (32 vector registers: a tile's 16 sums stay in registers)."""
+    feature = "avx512bf16" if dtype == torch.bfloat16 else "avx512f"
+    if dtype == torch.bfloat16 and llvmlite.binding.llvm_version_info[0] < 17:
         return False
     if numba.config.CPU_NAME is not None:  # compiling for a named CPU: only what its features promise
-        return "+avx512bf16" in (numba.config.CPU_FEATURES or "")
-    return bool(llvmlite.binding.get_host_cpu_features().get("avx512bf16", False))
+        return f"+{feature}" in (numba.config.CPU_FEATURES or "")
+    return bool(llvmlite.binding.get_host_cpu_features().get(feature, False))
 
 
 def pairs(x: torch.Tensor, pad_rows: int = 0) -> np.ndarray:
     """(N + pad_rows, ceil(C / 2)) int32: the rows of bfloat16 ``x`` (N, C), two columns to an int32 (a zero
-    column appended to an odd count), then ``pad_rows`` zero rows (a tile reads ROWS rows from any start)."""
+    column appended to an odd count), then ``pad_rows`` zero rows (a tile reads ROWS rows from any start).
+    float32 ``x``: (N + pad_rows, C) float32, its rows as they are."""
+    if x.dtype == torch.float32:
+        padded = torch.zeros(len(x) + pad_rows, x.shape[1])
+        padded[: len(x)] = x
+        return padded.numpy()
     packed = torch.zeros(len(x) + pad_rows, x.shape[1] + x.shape[1] % 2, dtype=torch.bfloat16)
     packed[: len(x), : x.shape[1]] = x
     return packed.view(torch.int32).numpy()
@@ -88,10 +97,11 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
 
         base[r] + sum_j weights[r, j] * mixed[sources[j], p] + gallery[row + r] . queries[:, column + p]
 
-    ``gallery`` (G, pairs) and ``queries`` (pairs, P) int32 as :func:`pairs` and :func:`pairs_by_column` pack
-    them; ``mixed`` (M, >= LANES), ``weights`` (ROWS, J), ``base`` (ROWS,) and ``out`` float32, ``sources``
-    (J,) int64, 1 <= ``rows`` <= ROWS. Reads ROWS rows and LANES columns whatever ``rows`` is. The products
-    are summed pair by pair in order, onto the rest, in float32."""
+    ``gallery`` (G, pairs) and ``queries`` (pairs, P) as :func:`pairs` and :func:`pairs_by_column` pack
+    them: int32 (bfloat16 pairs) or float32; ``mixed`` (M, >= LANES), ``weights`` (ROWS, J), ``base`` (ROWS,)
+    and ``out`` float32, ``sources`` (J,) int64, 1 <= ``rows`` <= ROWS. Reads ROWS rows and LANES columns
+    whatever ``rows`` is. The products are summed pair by pair (or column by column) in order, onto the
+    rest, in float32."""
     signature = types.void(gallery, row, queries, column, mixed, sources, weights, base, rows, out, out_column)
 
     def codegen(context, builder, signature, args):
@@ -99,8 +109,9 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
             context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 4, 5, 6, 7, 9))
         row, column, rows, out_column = (
             builder.sext(args[i], _I64) if args[i].type != _I64 else args[i] for i in (1, 3, 8, 10))
-        dpbf16ps = builder.module.globals.get(_INSTRUCTION) or ir.Function(
-            builder.module, ir.FunctionType(_F32, [_F32, _BF16, _BF16]), _INSTRUCTION)
+        bfloat16 = signature.args[0].dtype != types.float32
+        dpbf16ps = bfloat16 and (builder.module.globals.get(_INSTRUCTION) or ir.Function(
+            builder.module, ir.FunctionType(_F32, [_F32, _BF16, _BF16]), _INSTRUCTION))
         fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
             builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]), "llvm.fma.v16f32")
 
@@ -140,14 +151,21 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
         first_row, first_column = builder.mul(row, stride(gallery_array, 0)), builder.mul(column, constant(4))
         with cgutils.for_range(builder, builder.extract_value(gallery_array.shape, 1)) as loop:
             offset = builder.add(first_column, builder.mul(loop.index, stride(queries_array, 0)))
-            query = [builder.bitcast(builder.load(at(queries_array, builder.add(offset, constant(64 * v)), _I32),
-                                                  align=4), _BF16) for v in range(VECTORS)]
+            vector, scalar = (_I32, ir.IntType(32)) if bfloat16 else (_F32, ir.FloatType())
+            query = [builder.load(at(queries_array, builder.add(offset, constant(64 * v)), vector), align=4)
+                     for v in range(VECTORS)]
             pair_offset = builder.add(first_row, builder.mul(loop.index, constant(4)))
             for r in range(ROWS):
                 address = builder.add(pair_offset, builder.mul(constant(r), stride(gallery_array, 0)))
-                pair = broadcast(builder.load(at(gallery_array, address, ir.IntType(32)), align=4), _BF16)
+                value = builder.load(at(gallery_array, address, scalar), align=4)
                 for v in range(VECTORS):
-                    builder.store(builder.call(dpbf16ps, [builder.load(sums[r][v]), query[v], pair]), sums[r][v])
+                    total = builder.load(sums[r][v])
+                    if bfloat16:
+                        total = builder.call(dpbf16ps, [total, builder.bitcast(query[v], _BF16),
+                                                        broadcast(value, _BF16)])
+                    else:
+                        total = builder.call(fma, [broadcast(value, _F32), query[v], total])
+                    builder.store(total, sums[r][v])
         for v in range(VECTORS):
             low = builder.load(sums[0][v])
             for r in range(1, ROWS):

@@ -69,13 +69,13 @@ class Minima:
 @dataclass(frozen=True)
 class PairProduct:
     """Squared distances |q|^2 + |g|^2 - 2 q.g that are never written out: the minima loop forms them where
-    it uses them, q.g in bfloat16 with :mod:`anomaly.bf16dot` (where :func:`anomaly.bf16dot.supported`),
-    the squared norms in float32. Query columns are ``start:start + count`` of the ones packed, as for a
-    product (G, count)."""
+    it uses them, q.g with :func:`anomaly.bf16dot.tile` in bfloat16 or float32 (where
+    :func:`anomaly.bf16dot.supported`), the squared norms in float32. Query columns are ``start:start +
+    count`` of the ones packed, as for a product (G, count)."""
 
-    gallery: np.ndarray  # (G + bf16dot.ROWS, pairs) int32: bf16dot.pairs of the gallery rows g
+    gallery: np.ndarray  # (G + bf16dot.ROWS, pairs) int32 or float32: bf16dot.pairs of the gallery rows g
     gallery_norms: np.ndarray  # (G,) float32 |g|^2
-    queries: np.ndarray  # (pairs, P + bf16dot.LANES) int32: bf16dot.pairs_by_column of -2 q, every query
+    queries: np.ndarray  # (pairs, P + bf16dot.LANES), the same type: bf16dot.pairs_by_column of -2 q
     query_norms: np.ndarray  # (P + bf16dot.LANES,) float32 |q|^2
     count: int
 

@@ -33,8 +33,8 @@ Two searches serve SPADE:
     directions, a product of 32 columns instead of 68 (efficientnet_lite0) or 260
     (wide_resnet50_2). The coarse levels stay exact, so the bound stays close: about three
     times as many (chunk, query) pairs pass it as pass the exact distances, and the screen
-    forms those entries' finest-grid part again, exactly. In bfloat16, on a CPU with
-    AVX512-BF16, that product is never written out: writing and reading its 2.5 million
+    forms those entries' finest-grid part again, exactly. On a CPU with AVX512-BF16 (bfloat16)
+    or AVX-512 (float32) that product is never written out: writing and reading its 2.5 million
     entries took longer than multiplying 32 columns, so the minima loop forms it tile by
     tile in registers (:mod:`anomaly.bf16dot`, :class:`anomaly.fused.PairProduct`).
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
@@ -447,9 +447,10 @@ class _Plan:
     Thin levels are upsampled and multiplied on the finest grid, in ``dtype``. Thick coarse
     levels (``native_from`` channels or more) are multiplied at native resolution on both
     sides, in float32 as that is cheap there; the products are interpolated over the query
-    grid once per gallery image, and over the gallery grid inside the compiled pass. A bfloat16
-    bound is formed in registers (a :class:`anomaly.fused.PairProduct`) where the CPU can, unless
-    ``registers`` is False; otherwise it is multiplied and written out.
+    grid once per gallery image, and over the gallery grid inside the compiled pass. The bound is
+    formed in registers (a :class:`anomaly.fused.PairProduct`) where the CPU can (bfloat16 with
+    AVX512-BF16, float32 with AVX-512), unless ``registers`` is False; otherwise it is multiplied
+    and written out.
     """
 
     def __init__(self, query: list[torch.Tensor], dtype: torch.dtype, native_from: int, registers: bool = True
@@ -473,7 +474,7 @@ class _Plan:
         self._rows = np.ascontiguousarray(direct.numpy())
         self._basis: torch.Tensor | None = None  # (BOUND_RANK + 4, C_direct + 4), as _principal_directions
         # The query side of the bound, one of: the operand of a product written out, or (formed in registers,
-        # see PairProduct) -2 q in bf16dot pairs and |q|^2.
+        # see PairProduct) -2 q packed by bf16dot.pairs_by_column and |q|^2.
         self._bound: torch.Tensor | None = None
         self._pairs: tuple[np.ndarray, np.ndarray] | None = None
         if direct.shape[1] >= max(BOUND_MIN_CHANNELS, BOUND_RANK + 1):
@@ -482,7 +483,7 @@ class _Plan:
                 self._basis = basis
                 projected = _matmul(direct_rows, basis)[:, :-4]  # as distances() projects the gallery's
                 squares = projected.pow(2).sum(1)
-                if registers and dtype == torch.bfloat16 and bf16dot.supported():
+                if registers and bf16dot.supported(dtype):
                     self._pairs = (bf16dot.pairs_by_column((-2.0 * projected).to(dtype)),
                                    np.pad(squares.numpy(), (0, bf16dot.LANES)))
                 else:

@@ -181,7 +181,9 @@ def executed_work(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbou
         blocks.append(block.bounded)
         if isinstance(block.product, fused.PairProduct):
             gallery, queries = block.product.shape
-            flops[0] += 2.0 * gallery * queries * 2 * block.product.gallery.shape[1]
+            packed = block.product.gallery
+            columns = packed.shape[1] * (2 if packed.dtype == np.int32 else 1)  # int32: bfloat16 pairs
+            flops[0] += 2.0 * gallery * queries * columns
         return block
 
     search._matmul, search._Plan.distances = counting, recording

@@ -176,14 +176,17 @@ def test_entries_formed_from_exact_rows_are_bracketed_by_the_exact_slack():
     assert kept[rows.numpy(), columns.numpy()].all()
 
 
-needs_bf16dot = pytest.mark.skipif(not bf16dot.supported(), reason="the CPU has no AVX512-BF16")
+# Tiles of both kinds, where this CPU can form them (AVX512-BF16 for bfloat16, AVX-512 for float32).
+TILE_DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not bf16dot.supported(dtype), reason=f"no {dtype} tiles"))
+               for dtype in (torch.bfloat16, torch.float32)]
 
 
-def pair_product(rng, gallery: int, queries: int, columns: int, count: int) -> tuple[fused.PairProduct, torch.Tensor]:
-    """A PairProduct of random bfloat16 operands and float32 norms, and the same entries (G, count) in
+def pair_product(rng, gallery: int, queries: int, columns: int, count: int, dtype: torch.dtype
+                 ) -> tuple[fused.PairProduct, torch.Tensor]:
+    """A PairProduct of random operands in ``dtype`` and float32 norms, and the same entries (G, count) in
     float64, for queries from 11."""
-    left = torch.from_numpy(rng.normal(size=(gallery, columns)).astype(np.float32)).bfloat16()
-    right = torch.from_numpy(rng.normal(size=(queries, columns)).astype(np.float32)).bfloat16()
+    left = torch.from_numpy(rng.normal(size=(gallery, columns)).astype(np.float32)).to(dtype)
+    right = torch.from_numpy(rng.normal(size=(queries, columns)).astype(np.float32)).to(dtype)
     left_norms, right_norms = (rng.random(n).astype(np.float32) * 10 for n in (gallery, queries + bf16dot.LANES))
     product = fused.PairProduct(bf16dot.pairs(left, bf16dot.ROWS), left_norms, bf16dot.pairs_by_column(right),
                                 right_norms, count)
@@ -191,19 +194,20 @@ def pair_product(rng, gallery: int, queries: int, columns: int, count: int) -> t
     return product, written + torch.from_numpy(left_norms[:, None] + right_norms[None, 11 : 11 + count]).double()
 
 
-@needs_bf16dot
-@pytest.mark.parametrize("columns", [1, 6, 33])  # odd counts: a zero column completes the last pair
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
+@pytest.mark.parametrize("columns", [1, 6, 33])  # odd counts: a zero column completes the last bfloat16 pair
 @pytest.mark.parametrize("count", [23, 70])  # fewer queries than a tile, and two tiles and a part
 @pytest.mark.parametrize("grids", [(), ((5, 4), (3, 2))])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_pair_product_minima_match_numpy(columns, count, grids, threads, monkeypatch):
-    """The minima of a product formed tile by tile in registers (AVX512-BF16) are those of the product
-    written out, up to float32 rounding; so are the hits and each query's least minimum."""
+def test_pair_product_minima_match_numpy(dtype, columns, count, grids, threads, monkeypatch):
+    """The minima of a product formed tile by tile in registers (bfloat16 pairs on AVX512-BF16, float32
+    columns on AVX-512) are those of the product written out, up to float32 rounding; so are the hits and
+    each query's least minimum."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     rng = np.random.default_rng(columns)
     size, chunk = (9, 11), 8  # each row's last chunk is short
     terms = random_terms(rng, size, grids, 90)
-    product, written = pair_product(rng, 99, 90, columns, count)
+    product, written = pair_product(rng, 99, 90, columns, count, dtype)
     assert product.shape == (99, count)
     want = chunked(reference(written, terms, 11, grids), 11, chunk)
 
@@ -220,8 +224,8 @@ def test_pair_product_minima_match_numpy(columns, count, grids, threads, monkeyp
         fused.chunk_minima(product, terms, 11, bf16dot.ROWS + 1, within, exact)
 
 
-@needs_bf16dot
-def test_screen_forms_every_entry_of_a_pair_product_exactly():
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
+def test_screen_forms_every_entry_of_a_pair_product_exactly(dtype):
     """A PairProduct is a bound never written out: every entry of a chunk that passes is formed from the
     exact rows, and exactly those within the bound come back."""
     rng = np.random.default_rng(8)
@@ -233,8 +237,8 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly():
     want = reference(torch.from_numpy(direct), terms, 11, grids)
     # A loose lower bound: a quarter of the distance over the first two columns.
     near, far = torch.from_numpy(gallery_rows[:, :2] / 2), torch.from_numpy(query_rows[:, :2] / 2)
-    bound = fused.PairProduct(bf16dot.pairs(near.bfloat16(), bf16dot.ROWS), near.pow(2).sum(1).numpy(),
-                              bf16dot.pairs_by_column((-2 * far).bfloat16()),
+    bound = fused.PairProduct(bf16dot.pairs(near.to(dtype), bf16dot.ROWS), near.pow(2).sum(1).numpy(),
+                              bf16dot.pairs_by_column((-2 * far).to(dtype)),
                               np.pad(far.pow(2).sum(1).numpy(), (0, bf16dot.LANES)), count)
     exact = (query_rows, gallery_rows)
 
@@ -253,17 +257,20 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly():
 
 
 def test_pair_products_only_where_llvm_can_emit_them(monkeypatch):
-    """LLVM cannot emit VDPBF16PS for a CPU without AVX512-BF16 (nor name its operands before LLVM 17):
-    a numba told to compile for another CPU, or an old LLVM, turns PairProducts off."""
+    """LLVM cannot emit VDPBF16PS for a CPU without AVX512-BF16 (nor name its operands before LLVM 17), and
+    a float32 tile's 16 sums stay in registers only with AVX-512's 32: a numba told to compile for another
+    CPU, or an old LLVM, turns PairProducts off."""
     try:
         monkeypatch.setattr(bf16dot.numba.config, "CPU_NAME", "generic")
-        for features, expected in [("", False), ("+avx512f,+avx512bf16", True)]:
+        for features, bfloat16, float32 in [("", False, False), ("+avx2,+fma", False, False),
+                                            ("+avx512f", False, True), ("+avx512f,+avx512bf16", True, True)]:
             monkeypatch.setattr(bf16dot.numba.config, "CPU_FEATURES", features)
             bf16dot.supported.cache_clear()
-            assert bf16dot.supported() == expected
+            assert (bf16dot.supported(torch.bfloat16), bf16dot.supported(torch.float32)) == (bfloat16, float32)
         monkeypatch.setattr(bf16dot.llvmlite.binding, "llvm_version_info", (16, 0, 0))
         bf16dot.supported.cache_clear()
-        assert not bf16dot.supported()
+        assert not bf16dot.supported(torch.bfloat16)
+        assert bf16dot.supported(torch.float32)
     finally:
         monkeypatch.undo()
         bf16dot.supported.cache_clear()
@@ -280,6 +287,9 @@ def test_pairs_pack_two_bfloat16_columns_to_an_int32():
     by_column = bf16dot.pairs_by_column(x)
     assert by_column.shape == (2, 2 + bf16dot.LANES)
     np.testing.assert_array_equal(by_column, bf16dot.pairs(x, bf16dot.LANES).T)
+    rows = bf16dot.pairs(x.float(), 3)  # float32: the rows as they are, one column each
+    assert rows.dtype == np.float32
+    np.testing.assert_array_equal(rows, [[1, 2, 3], [4, 5, 6], [0] * 3, [0] * 3, [0] * 3])
 
 
 def test_bfloat16_products_are_widened_exactly():
