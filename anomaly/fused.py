@@ -33,7 +33,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from anomaly import bf16dot
+from anomaly import tiledot
 
 
 @dataclass(frozen=True)
@@ -67,28 +67,28 @@ class Minima:
 
 
 @dataclass(frozen=True)
-class PairProduct:
+class TiledProduct:
     """Squared distances |q|^2 + |g|^2 - 2 q.g that are never written out: the minima loop forms them where
-    it uses them, q.g with :func:`anomaly.bf16dot.tile` in bfloat16 or float32 (where
-    :func:`anomaly.bf16dot.supported`), the squared norms in float32. Query columns are ``start:start +
+    it uses them, q.g with :func:`anomaly.tiledot.tile` in bfloat16 or float32 (where
+    :func:`anomaly.tiledot.supported`), the squared norms in float32. Query columns are ``start:start +
     count`` of the ones packed, as for a product (G, count)."""
 
-    gallery: np.ndarray  # (G + bf16dot.ROWS, pairs) int32 or float32: bf16dot.pairs of the gallery rows g
+    gallery: np.ndarray  # (G + tiledot.ROWS, pairs) int32 or float32: tiledot.pairs of the gallery rows g
     gallery_norms: np.ndarray  # (G,) float32 |g|^2
-    queries: np.ndarray  # (pairs, P + bf16dot.LANES), the same type: bf16dot.pairs_by_column of -2 q
-    query_norms: np.ndarray  # (P + bf16dot.LANES,) float32 |q|^2
+    queries: np.ndarray  # (pairs, P + tiledot.LANES), the same type: tiledot.pack_columns of -2 q
+    query_norms: np.ndarray  # (P + tiledot.LANES,) float32 |q|^2
     count: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return len(self.gallery) - bf16dot.ROWS, self.count
+        return len(self.gallery) - tiledot.ROWS, self.count
 
 
-def chunk_minima(product: torch.Tensor | PairProduct, terms: Terms, start: int, chunk: int, within: torch.Tensor,
+def chunk_minima(product: torch.Tensor | TiledProduct, terms: Terms, start: int, chunk: int, within: torch.Tensor,
                  tolerance: "Tolerance") -> Minima:
     """(H * ceil(W / chunk), P_t) float32 minima of ranking distances over chunks of up to ``chunk``
     pixels of one gallery row (chunk c: row c // ceil(W / chunk), its (c % ceil(W / chunk))-th run);
-    ``product`` (H * W, P_t) is bfloat16 or float32, or a :class:`PairProduct`, for query columns
+    ``product`` (H * W, P_t) is bfloat16 or float32, or a :class:`TiledProduct`, for query columns
     ``start:start + P_t``.
     ``within`` (P_t,) and ``tolerance``, as :func:`screen` will take them, only count the hits: as
     :func:`screen` can only lower ``within``, a chunk without any cannot pass there."""
@@ -98,10 +98,10 @@ def chunk_minima(product: torch.Tensor | PairProduct, terms: Terms, start: int, 
     reach = _reach(within.numpy(), tolerance.offset, tolerance.slack, np.float32(tolerance.roundoff))
     with _team():
         smallest = np.full((numba.get_num_threads(), product.shape[1]), np.inf, np.float32)
-        if isinstance(product, PairProduct):
-            if chunk > bf16dot.ROWS:
-                raise ValueError(f"a PairProduct's chunks are at most {bf16dot.ROWS} pixels, got {chunk}")
-            _pair_minima(product.gallery, product.gallery_norms, product.queries, product.query_norms,
+        if isinstance(product, TiledProduct):
+            if chunk > tiledot.ROWS:
+                raise ValueError(f"a TiledProduct's chunks are at most {tiledot.ROWS} pixels, got {chunk}")
+            _tiled_minima(product.gallery, product.gallery_norms, product.queries, product.query_norms,
                          *terms.arrays(), start, chunk, reach, minima, hits, smallest)
         else:
             _chunk_minima(_as_numpy(product), *terms.arrays(), start, chunk, reach, minima, hits, smallest)
@@ -127,7 +127,7 @@ class Tolerance:
         return Tolerance(self.offset[rows], self.slack[rows], self.roundoff, exact_slack)
 
 
-def screen(product: torch.Tensor | PairProduct, terms: Terms, start: int, chunk: int, minima: Minima,
+def screen(product: torch.Tensor | TiledProduct, terms: Terms, start: int, chunk: int, minima: Minima,
            kth: torch.Tensor | None, within: torch.Tensor, tolerance: Tolerance,
            exact: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, ...]:
     """The entries that may still be among their query's nearest, from the chunks of
@@ -144,7 +144,7 @@ def screen(product: torch.Tensor | PairProduct, terms: Terms, start: int, chunk:
     the tolerance's ``exact_slack``.
     """
     query_rows, gallery_rows = (_NO_ROWS, _NO_ROWS) if exact is None else exact
-    product = _NO_PRODUCT if isinstance(product, PairProduct) else _as_numpy(product)
+    product = _NO_PRODUCT if isinstance(product, TiledProduct) else _as_numpy(product)
     with _team():
         found = _screen(product, *terms.arrays(), start, chunk, minima.values.numpy(), minima.hits,
                         (minima.smallest if kth is None else kth).numpy(), within.numpy(), tolerance.offset,
@@ -232,7 +232,7 @@ def _level_values(level: torch.Tensor) -> np.ndarray:
 
 
 # Typed stand-ins for screen's rows when its product is the entries themselves, and for its product when it is
-# a PairProduct.
+# a TiledProduct.
 _NO_ROWS = np.zeros((0, 0), np.float32)
 _NO_PRODUCT = np.zeros((0, 0), np.int16)
 # Typed stand-ins for the rows' and columns' taps of a level read as it is (the loop never touches them).
@@ -354,14 +354,14 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
 
 
 @_compiled(parallel=True, **_FLAGS)
-def _pair_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights, widths,
+def _tiled_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights, widths,
                  spread, start, chunk, reach, minima, hits, smallest):
-    """:func:`_chunk_minima` of a :class:`PairProduct`: per gallery row, the native levels' rows mixed once,
+    """:func:`_chunk_minima` of a :class:`TiledProduct`: per gallery row, the native levels' rows mixed once,
     and the queries' norms as one more row; per chunk, which of those rows its pixels take and with what
-    weights; then per LANES queries :func:`anomaly.bf16dot.tile` sums each entry's terms and product in
+    weights; then per LANES queries :func:`anomaly.tiledot.tile` sums each entry's terms and product in
     registers and takes the minima."""
     count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
-    lanes, most = bf16dot.LANES, bf16dot.ROWS
+    lanes, most = tiledot.LANES, tiledot.ROWS
     runs = (width + chunk - 1) // chunk
     offsets = _level_offsets(widths)
     for y in numba.prange(rows.shape[1]):
@@ -393,10 +393,10 @@ def _pair_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row
             row = y * width + first
             whole = count - count % lanes
             for block in range(0, whole, lanes):
-                bf16dot.tile(gallery, row, queries, start + block, mixed[:, block:], sources[:found],
+                tiledot.tile(gallery, row, queries, start + block, mixed[:, block:], sources[:found],
                              weights[:, :found], base, used, low, block)
             if whole < count:
-                bf16dot.tile(gallery, row, queries, start + whole, mixed[:, whole:], sources[:found],
+                tiledot.tile(gallery, row, queries, start + whole, mixed[:, whole:], sources[:found],
                              weights[:, :found], base, used, out, 0)
                 low[whole:] = out[: count - whole]
             _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
@@ -522,7 +522,7 @@ def _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread,
     for x in range(first, min(first + chunk, width)):
         g = y * width + x
         # With exact rows, entries are formed again with the finest grid exact: those of a product that was
-        # written out where they come within reach; all of a PairProduct's (forming its entry costs about as
+        # written out where they come within reach; all of a TiledProduct's (forming its entry costs about as
         # much). They are then bracketed by the exact slack alone.
         formed = product.shape[0] == 0
         if not formed:

@@ -36,7 +36,7 @@ Two searches serve SPADE:
     forms those entries' finest-grid part again, exactly. On a CPU with AVX512-BF16 (bfloat16)
     or AVX-512 (float32) that product is never written out: writing and reading its 2.5 million
     entries took longer than multiplying 32 columns, so the minima loop forms it tile by
-    tile in registers (:mod:`anomaly.bf16dot`, :class:`anomaly.fused.PairProduct`).
+    tile in registers (:mod:`anomaly.tiledot`, :class:`anomaly.fused.TiledProduct`).
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
     float32 from the bank's values: returned scores are exact distances to real gallery
     pixels. Each ranking distance brackets the exact one within a bound on its rounding
@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomaly import bf16dot, fused
+from anomaly import fused, tiledot
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -409,7 +409,7 @@ class _GalleryImage:
     direct: torch.Tensor | None  # (H * W, C_direct + 4) operand of the full finest-grid product, once used
     rows: torch.Tensor  # (H * W, C_direct + 4) float32 rows it is rounded from, centred
     bound: torch.Tensor | tuple[np.ndarray, np.ndarray] | None  # (H * W, BOUND_RANK + 4) operand of the bounded
-    # product, once used, or a PairProduct's gallery side (pairs, norms)
+    # product, once used, or a TiledProduct's gallery side (pairs, norms)
     terms: fused.Terms  # what the native levels add to that product, less the interpolation spread
     size: tuple[int, int]  # finest grid (H, W)
     longest: float  # bound on the norm of a centred pixel, all levels (float32 error bounds)
@@ -426,7 +426,7 @@ class _Block:
     formed in full: their chunk minima come from one compiled pass (:mod:`anomaly.fused`), and
     then the entries of the chunks that pass."""
 
-    product: torch.Tensor | fused.PairProduct  # (G, P_t) finest-grid product, or a lower bound of it
+    product: torch.Tensor | fused.TiledProduct  # (G, P_t) finest-grid product, or a lower bound of it
     terms: fused.Terms
     start: int
     bounded: bool = False  # the product is a lower bound
@@ -448,7 +448,7 @@ class _Plan:
     levels (``native_from`` channels or more) are multiplied at native resolution on both
     sides, in float32 as that is cheap there; the products are interpolated over the query
     grid once per gallery image, and over the gallery grid inside the compiled pass. The bound is
-    formed in registers (a :class:`anomaly.fused.PairProduct`) where the CPU can (bfloat16 with
+    formed in registers (a :class:`anomaly.fused.TiledProduct`) where the CPU can (bfloat16 with
     AVX512-BF16, float32 with AVX-512), unless ``registers`` is False; otherwise it is multiplied
     and written out.
     """
@@ -474,7 +474,7 @@ class _Plan:
         self._rows = np.ascontiguousarray(direct.numpy())
         self._basis: torch.Tensor | None = None  # (BOUND_RANK + 4, C_direct + 4), as _principal_directions
         # The query side of the bound, one of: the operand of a product written out, or (formed in registers,
-        # see PairProduct) -2 q packed by bf16dot.pairs_by_column and |q|^2.
+        # see TiledProduct) -2 q packed by tiledot.pack_columns and |q|^2.
         self._bound: torch.Tensor | None = None
         self._pairs: tuple[np.ndarray, np.ndarray] | None = None
         if direct.shape[1] >= max(BOUND_MIN_CHANNELS, BOUND_RANK + 1):
@@ -483,9 +483,9 @@ class _Plan:
                 self._basis = basis
                 projected = _matmul(direct_rows, basis)[:, :-4]  # as distances() projects the gallery's
                 squares = projected.pow(2).sum(1)
-                if registers and bf16dot.supported(dtype):
-                    self._pairs = (bf16dot.pairs_by_column((-2.0 * projected).to(dtype)),
-                                   np.pad(squares.numpy(), (0, bf16dot.LANES)))
+                if registers and tiledot.supported(dtype):
+                    self._pairs = (tiledot.pack_columns((-2.0 * projected).to(dtype)),
+                                   np.pad(squares.numpy(), (0, tiledot.LANES)))
                 else:
                     self._bound = _query_operand(projected, squares, dtype)
         # The native levels' own pixels, centred and measured as gallery() does the gallery's.
@@ -583,12 +583,12 @@ class _Plan:
                     gallery.bound = fused.fill_norm_columns(projected, self.dtype == torch.bfloat16).to(self.dtype)
                 else:
                     projected = projected[:, :-4]
-                    gallery.bound = (bf16dot.pairs(projected.to(self.dtype), bf16dot.ROWS),
+                    gallery.bound = (tiledot.pack_rows(projected.to(self.dtype), tiledot.ROWS),
                                      projected.pow(2).sum(1).numpy())
             if self._pairs is None:
                 product = _matmul(gallery.bound, self._bound[rows])
             else:
-                product = fused.PairProduct(gallery.bound[0], gallery.bound[1], *self._pairs, rows.stop - rows.start)
+                product = fused.TiledProduct(gallery.bound[0], gallery.bound[1], *self._pairs, rows.stop - rows.start)
             return _Block(product, gallery.terms, rows.start, True, (self._rows, gallery.rows.numpy()))
         if gallery.direct is None:
             gallery.direct = gallery.rows.to(self.dtype)

@@ -44,7 +44,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly import SPADE, allocator, bf16dot, fused, search  # noqa: E402  (first: it sets torch's allocator up)
+from anomaly import SPADE, allocator, fused, search, tiledot  # noqa: E402  (first: it sets torch's allocator up)
 from anomaly.bank import PyramidSpill  # noqa: E402
 from anomaly.datasets import MVTecCategory, load_mvtec_category  # noqa: E402
 from anomaly.demo import make_demo_dataset  # noqa: E402
@@ -167,7 +167,7 @@ def executed_work(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbou
                   precision: str) -> tuple[float, float]:
     """(multiply-add FLOPs of the matrix products one search runs, share of its blocks multiplied by the
     bound), counted in an untimed run. The products: the finest-grid ones, full or bounded as the search
-    chooses per block (those formed inside the minima loop, PairProducts, too), the native levels' products
+    chooses per block (those formed inside the minima loop, TiledProducts, too), the native levels' products
     and their interpolation, and the bound's projections."""
     flops, blocks = [0.0], []
     multiply, distances = search._matmul, search._Plan.distances
@@ -179,7 +179,7 @@ def executed_work(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbou
     def recording(plan, *args, **kwargs):
         block = distances(plan, *args, **kwargs)
         blocks.append(block.bounded)
-        if isinstance(block.product, fused.PairProduct):
+        if isinstance(block.product, fused.TiledProduct):
             gallery, queries = block.product.shape
             packed = block.product.gallery
             columns = packed.shape[1] * (2 if packed.dtype == np.int32 else 1)  # int32: bfloat16 pairs
@@ -291,8 +291,8 @@ def section_pixel(args) -> None:
 def section_bound(args) -> None:
     """One bounded block, the pixel search's most frequent piece of work: the first test image's first
     query tile against its nearest normal image, the bound multiplied and written out (oneDNN) and then
-    reduced by the minima loop, against formed in registers by the minima loop itself (PairProduct)."""
-    if not bf16dot.supported():
+    reduced by the minima loop, against formed in registers by the minima loop itself (TiledProduct)."""
+    if not tiledot.supported():
         print("\n(section bound: no AVX512-BF16 here, so the bound is always multiplied and written out)")
         return
     data = category(args)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomaly import bf16dot, fused, search
+from anomaly import fused, search, tiledot
 from anomaly.features import stack_pyramid
 
 
@@ -177,18 +177,18 @@ def test_entries_formed_from_exact_rows_are_bracketed_by_the_exact_slack():
 
 
 # Tiles of both kinds, where this CPU can form them (AVX512-BF16 for bfloat16, AVX-512 for float32).
-TILE_DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not bf16dot.supported(dtype), reason=f"no {dtype} tiles"))
+TILE_DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not tiledot.supported(dtype), reason=f"no {dtype} tiles"))
                for dtype in (torch.bfloat16, torch.float32)]
 
 
-def pair_product(rng, gallery: int, queries: int, columns: int, count: int, dtype: torch.dtype
-                 ) -> tuple[fused.PairProduct, torch.Tensor]:
-    """A PairProduct of random operands in ``dtype`` and float32 norms, and the same entries (G, count) in
+def tiled_product(rng, gallery: int, queries: int, columns: int, count: int, dtype: torch.dtype
+                 ) -> tuple[fused.TiledProduct, torch.Tensor]:
+    """A TiledProduct of random operands in ``dtype`` and float32 norms, and the same entries (G, count) in
     float64, for queries from 11."""
     left = torch.from_numpy(rng.normal(size=(gallery, columns)).astype(np.float32)).to(dtype)
     right = torch.from_numpy(rng.normal(size=(queries, columns)).astype(np.float32)).to(dtype)
-    left_norms, right_norms = (rng.random(n).astype(np.float32) * 10 for n in (gallery, queries + bf16dot.LANES))
-    product = fused.PairProduct(bf16dot.pairs(left, bf16dot.ROWS), left_norms, bf16dot.pairs_by_column(right),
+    left_norms, right_norms = (rng.random(n).astype(np.float32) * 10 for n in (gallery, queries + tiledot.LANES))
+    product = fused.TiledProduct(tiledot.pack_rows(left, tiledot.ROWS), left_norms, tiledot.pack_columns(right),
                                 right_norms, count)
     written = left.double() @ right[11 : 11 + count].double().T
     return product, written + torch.from_numpy(left_norms[:, None] + right_norms[None, 11 : 11 + count]).double()
@@ -207,7 +207,7 @@ def test_pair_product_minima_match_numpy(dtype, columns, count, grids, threads, 
     rng = np.random.default_rng(columns)
     size, chunk = (9, 11), 8  # each row's last chunk is short
     terms = random_terms(rng, size, grids, 90)
-    product, written = pair_product(rng, 99, 90, columns, count, dtype)
+    product, written = tiled_product(rng, 99, 90, columns, count, dtype)
     assert product.shape == (99, count)
     want = chunked(reference(written, terms, 11, grids), 11, chunk)
 
@@ -221,12 +221,12 @@ def test_pair_product_minima_match_numpy(dtype, columns, count, grids, threads, 
     reach = within.numpy() * np.float32(1 + 1e-6)
     np.testing.assert_array_equal(minima.hits, (minima.values.numpy() <= reach).sum(1))
     with pytest.raises(ValueError, match="at most 8 pixels"):
-        fused.chunk_minima(product, terms, 11, bf16dot.ROWS + 1, within, exact)
+        fused.chunk_minima(product, terms, 11, tiledot.ROWS + 1, within, exact)
 
 
 @pytest.mark.parametrize("dtype", TILE_DTYPES)
 def test_screen_forms_every_entry_of_a_pair_product_exactly(dtype):
-    """A PairProduct is a bound never written out: every entry of a chunk that passes is formed from the
+    """A TiledProduct is a bound never written out: every entry of a chunk that passes is formed from the
     exact rows, and exactly those within the bound come back."""
     rng = np.random.default_rng(8)
     size, grids, chunk, count = (9, 11), ((5, 4),), 8, 23
@@ -237,9 +237,9 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly(dtype):
     want = reference(torch.from_numpy(direct), terms, 11, grids)
     # A loose lower bound: a quarter of the distance over the first two columns.
     near, far = torch.from_numpy(gallery_rows[:, :2] / 2), torch.from_numpy(query_rows[:, :2] / 2)
-    bound = fused.PairProduct(bf16dot.pairs(near.to(dtype), bf16dot.ROWS), near.pow(2).sum(1).numpy(),
-                              bf16dot.pairs_by_column((-2 * far).to(dtype)),
-                              np.pad(far.pow(2).sum(1).numpy(), (0, bf16dot.LANES)), count)
+    bound = fused.TiledProduct(tiledot.pack_rows(near.to(dtype), tiledot.ROWS), near.pow(2).sum(1).numpy(),
+                              tiledot.pack_columns((-2 * far).to(dtype)),
+                              np.pad(far.pow(2).sum(1).numpy(), (0, tiledot.LANES)), count)
     exact = (query_rows, gallery_rows)
 
     infinite = torch.full((count,), np.inf)
@@ -259,35 +259,35 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly(dtype):
 def test_pair_products_only_where_llvm_can_emit_them(monkeypatch):
     """LLVM cannot emit VDPBF16PS for a CPU without AVX512-BF16 (nor name its operands before LLVM 17), and
     a float32 tile's 16 sums stay in registers only with AVX-512's 32: a numba told to compile for another
-    CPU, or an old LLVM, turns PairProducts off."""
+    CPU, or an old LLVM, turns TiledProducts off."""
     try:
-        monkeypatch.setattr(bf16dot.numba.config, "CPU_NAME", "generic")
+        monkeypatch.setattr(tiledot.numba.config, "CPU_NAME", "generic")
         for features, bfloat16, float32 in [("", False, False), ("+avx2,+fma", False, False),
                                             ("+avx512f", False, True), ("+avx512f,+avx512bf16", True, True)]:
-            monkeypatch.setattr(bf16dot.numba.config, "CPU_FEATURES", features)
-            bf16dot.supported.cache_clear()
-            assert (bf16dot.supported(torch.bfloat16), bf16dot.supported(torch.float32)) == (bfloat16, float32)
-        monkeypatch.setattr(bf16dot.llvmlite.binding, "llvm_version_info", (16, 0, 0))
-        bf16dot.supported.cache_clear()
-        assert not bf16dot.supported(torch.bfloat16)
-        assert bf16dot.supported(torch.float32)
+            monkeypatch.setattr(tiledot.numba.config, "CPU_FEATURES", features)
+            tiledot.supported.cache_clear()
+            assert (tiledot.supported(torch.bfloat16), tiledot.supported(torch.float32)) == (bfloat16, float32)
+        monkeypatch.setattr(tiledot.llvmlite.binding, "llvm_version_info", (16, 0, 0))
+        tiledot.supported.cache_clear()
+        assert not tiledot.supported(torch.bfloat16)
+        assert tiledot.supported(torch.float32)
     finally:
         monkeypatch.undo()
-        bf16dot.supported.cache_clear()
+        tiledot.supported.cache_clear()
 
 
-def test_pairs_pack_two_bfloat16_columns_to_an_int32():
+def test_pack_rows_pairs_bfloat16_columns_and_keeps_float32_ones():
     """Column 2j in the low half (little-endian), 2j + 1 in the high; an odd count gets a zero column,
-    and padding rows (pairs) or columns (pairs_by_column) are zero."""
+    and padding rows (pack_rows) or columns (pack_columns) are zero."""
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]).bfloat16()
-    packed = bf16dot.pairs(x, 3)
+    packed = tiledot.pack_rows(x, 3)
     assert packed.shape == (5, 2) and packed.dtype == np.int32
     halves = torch.from_numpy(packed.copy()).view(torch.bfloat16).float()
     np.testing.assert_array_equal(halves.numpy(), [[1, 2, 3, 0], [4, 5, 6, 0], [0] * 4, [0] * 4, [0] * 4])
-    by_column = bf16dot.pairs_by_column(x)
-    assert by_column.shape == (2, 2 + bf16dot.LANES)
-    np.testing.assert_array_equal(by_column, bf16dot.pairs(x, bf16dot.LANES).T)
-    rows = bf16dot.pairs(x.float(), 3)  # float32: the rows as they are, one column each
+    by_column = tiledot.pack_columns(x)
+    assert by_column.shape == (2, 2 + tiledot.LANES)
+    np.testing.assert_array_equal(by_column, tiledot.pack_rows(x, tiledot.LANES).T)
+    rows = tiledot.pack_rows(x.float(), 3)  # float32: the rows as they are, one column each
     assert rows.dtype == np.float32
     np.testing.assert_array_equal(rows, [[1, 2, 3], [4, 5, 6], [0] * 3, [0] * 3, [0] * 3])
 

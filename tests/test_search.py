@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomaly import bf16dot, fused, search
+from anomaly import fused, search, tiledot
 from anomaly.features import stack_pyramid
 
 
@@ -41,11 +41,11 @@ def products(request, monkeypatch):
     """Every kind of finest-grid product: the full one; the lower bound that the screen makes exact
     entry by entry, here forced for every block after a tile's first (a rank-2 projection, far looser
     than the real one, so many entries are recomputed), in bfloat16 never written out where the CPU
-    can (a PairProduct), or always written out; and the bound tried, found to let too much through, and
+    can (a TiledProduct), or always written out; and the bound tried, found to let too much through, and
     the block multiplied again in full. Checks that each kind was run."""
     bounded, screened, unwritten = [], [], []
     if request.param == "bounded, written out":
-        monkeypatch.setattr(search.bf16dot, "supported", lambda dtype: False)
+        monkeypatch.setattr(search.tiledot, "supported", lambda dtype: False)
     if request.param != "full":
         monkeypatch.setattr(search, "BOUND_RANK", 2)
         monkeypatch.setattr(search, "BOUND_MIN_CHANNELS", 3)
@@ -59,7 +59,7 @@ def products(request, monkeypatch):
             block = distances(*args)
             bounded.append(block.bounded)
             if block.bounded:
-                unwritten.append((args[0].dtype, isinstance(block.product, fused.PairProduct)))
+                unwritten.append((args[0].dtype, isinstance(block.product, fused.TiledProduct)))
             return block
 
         def screen_spy(block, *args):
@@ -74,7 +74,7 @@ def products(request, monkeypatch):
         assert any(screened) == (request.param != "bound given up"), screened
         # Bounds are never written out where the CPU can form them in registers, and always where told it cannot.
         for dtype, in_registers in unwritten:
-            assert in_registers == (request.param != "bounded, written out" and bf16dot.supported(dtype)), dtype
+            assert in_registers == (request.param != "bounded, written out" and tiledot.supported(dtype)), dtype
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -315,14 +315,14 @@ import json, sys
 from pathlib import Path
 
 import numba
-from anomaly import bf16dot, fused, search
+from anomaly import fused, search, tiledot
 from anomaly.sources import collect_inputs
 from anomaly.spade import SPADE
 sys.path.insert(0, "tests")
 from imagegen import write_images
 
 def signatures():
-    return {f"{module.__name__}.{name}": len(value.signatures) for module in (fused, bf16dot)
+    return {f"{module.__name__}.{name}": len(value.signatures) for module in (fused, tiledot)
             for name, value in vars(module).items() if isinstance(value, numba.core.registry.CPUDispatcher)}
 
 precision, folder = sys.argv[1], Path(sys.argv[2])
@@ -348,6 +348,6 @@ def test_warm_up_compiles_everything_a_real_search_uses(precision, tmp_path):
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["maps"] == 1
     assert found["warm"]["anomaly.fused._chunk_minima"] >= 1  # the warm-up did run the search
-    if precision == "bf16" and bf16dot.supported():
-        assert found["warm"]["anomaly.fused._pair_minima"] == 1  # and took the bound in registers
+    if precision == "bf16" and tiledot.supported():
+        assert found["warm"]["anomaly.fused._tiled_minima"] == 1  # and took the bound in registers
     assert found["real"] == found["warm"]

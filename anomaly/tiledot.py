@@ -10,9 +10,9 @@ bfloat16 the product comes from the CPU's ``VDPBF16PS`` instruction (16 float32 
 products of a pair of bfloat16 values, exact, to its sum); in float32 from fused multiply-adds, one
 column at a time.
 
-bfloat16 operands are packed in pairs of columns, one int32 each (:func:`pairs`; float32 ones stay as
+bfloat16 operands are packed in pairs of columns, one int32 each (:func:`pack_rows`; float32 ones stay as
 they are): a gallery row's pair (or value) is broadcast to all lanes, and 16 queries' pairs are read
-as one vector, so the queries' side is stored pair-major (:func:`pairs_by_column`).
+as one vector, so the queries' side is stored pair-major (:func:`pack_columns`).
 
 numba has no bfloat16 type and no vector types; :func:`tile` is written as LLVM IR through numba's
 ``intrinsic``. LLVM can only emit the bfloat16 one for a CPU with AVX512-BF16, and the float32 one keeps
@@ -53,7 +53,7 @@ def supported(dtype: torch.dtype = torch.bfloat16) -> bool:
     return bool(llvmlite.binding.get_host_cpu_features().get(feature, False))
 
 
-def pairs(x: torch.Tensor, pad_rows: int = 0) -> np.ndarray:
+def pack_rows(x: torch.Tensor, pad_rows: int = 0) -> np.ndarray:
     """(N + pad_rows, ceil(C / 2)) int32: the rows of bfloat16 ``x`` (N, C), two columns to an int32 (a zero
     column appended to an odd count), then ``pad_rows`` zero rows (a tile reads ROWS rows from any start).
     float32 ``x``: (N + pad_rows, C) float32, its rows as they are."""
@@ -66,10 +66,11 @@ def pairs(x: torch.Tensor, pad_rows: int = 0) -> np.ndarray:
     return packed.view(torch.int32).numpy()
 
 
-def pairs_by_column(x: torch.Tensor) -> np.ndarray:
-    """(ceil(C / 2), N + LANES) int32: :func:`pairs` of bfloat16 ``x`` (N, C) transposed, one column per row
-    of ``x``, then LANES zero columns (a tile reads LANES columns from any start)."""
-    return np.ascontiguousarray(pairs(x, LANES).T)
+def pack_columns(x: torch.Tensor) -> np.ndarray:
+    """(ceil(C / 2), N + LANES) int32 (bfloat16 ``x``) or (C, N + LANES) float32: :func:`pack_rows` of ``x``
+    (N, C) transposed, one column per row of ``x``, then LANES zero columns (a tile reads LANES columns from
+    any start)."""
+    return np.ascontiguousarray(pack_rows(x, LANES).T)
 
 
 class _BFloat(ir.Type):
@@ -97,7 +98,7 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
 
         base[r] + sum_j weights[r, j] * mixed[sources[j], p] + gallery[row + r] . queries[:, column + p]
 
-    ``gallery`` (G, pairs) and ``queries`` (pairs, P) as :func:`pairs` and :func:`pairs_by_column` pack
+    ``gallery`` (G, pairs) and ``queries`` (pairs, P) as :func:`pack_rows` and :func:`pack_columns` pack
     them: int32 (bfloat16 pairs) or float32; ``mixed`` (M, >= LANES), ``weights`` (ROWS, J), ``base`` (ROWS,)
     and ``out`` float32, ``sources`` (J,) int64, 1 <= ``rows`` <= ROWS. Reads ROWS rows and LANES columns
     whatever ``rows`` is. The products are summed pair by pair (or column by column) in order, onto the
