@@ -73,9 +73,9 @@ class TiledProduct:
     :func:`anomaly.tiledot.supported`), the squared norms in float32. Query columns are ``start:start +
     count`` of the ones packed, as for a product (G, count)."""
 
-    gallery: np.ndarray  # (G + tiledot.ROWS, pairs) int32 or float32: tiledot.pairs of the gallery rows g
+    gallery: np.ndarray  # (G + tiledot.ROWS, pairs or columns) int32 or float32: tiledot.pack_rows of the rows g
     gallery_norms: np.ndarray  # (G,) float32 |g|^2
-    queries: np.ndarray  # (pairs, P + tiledot.LANES), the same type: tiledot.pack_columns of -2 q
+    queries: np.ndarray  # (pairs or columns, P + tiledot.LANES), the same type: tiledot.pack_columns of -2 q
     query_norms: np.ndarray  # (P + tiledot.LANES,) float32 |q|^2
     count: int
 

@@ -409,7 +409,7 @@ class _GalleryImage:
     direct: torch.Tensor | None  # (H * W, C_direct + 4) operand of the full finest-grid product, once used
     rows: torch.Tensor  # (H * W, C_direct + 4) float32 rows it is rounded from, centred
     bound: torch.Tensor | tuple[np.ndarray, np.ndarray] | None  # (H * W, BOUND_RANK + 4) operand of the bounded
-    # product, once used, or a TiledProduct's gallery side (pairs, norms)
+    # product, once used, or a TiledProduct's gallery side (packed rows, norms)
     terms: fused.Terms  # what the native levels add to that product, less the interpolation spread
     size: tuple[int, int]  # finest grid (H, W)
     longest: float  # bound on the norm of a centred pixel, all levels (float32 error bounds)
@@ -476,7 +476,7 @@ class _Plan:
         # The query side of the bound, one of: the operand of a product written out, or (formed in registers,
         # see TiledProduct) -2 q packed by tiledot.pack_columns and |q|^2.
         self._bound: torch.Tensor | None = None
-        self._pairs: tuple[np.ndarray, np.ndarray] | None = None
+        self._tiled_queries: tuple[np.ndarray, np.ndarray] | None = None
         if direct.shape[1] >= max(BOUND_MIN_CHANNELS, BOUND_RANK + 1):
             basis, kept = _principal_directions(direct, BOUND_RANK)
             if kept >= BOUND_MIN_KEPT:
@@ -484,7 +484,7 @@ class _Plan:
                 projected = _matmul(direct_rows, basis)[:, :-4]  # as distances() projects the gallery's
                 squares = projected.pow(2).sum(1)
                 if registers and tiledot.supported(dtype):
-                    self._pairs = (tiledot.pack_columns((-2.0 * projected).to(dtype)),
+                    self._tiled_queries = (tiledot.pack_columns((-2.0 * projected).to(dtype)),
                                    np.pad(squares.numpy(), (0, tiledot.LANES)))
                 else:
                     self._bound = _query_operand(projected, squares, dtype)
@@ -576,27 +576,29 @@ class _Plan:
         query's own interpolation spread when levels are native (the same for all its candidates).
         ``bounded``: lower bounds of them where the plan has a bound (the tolerance holds for both,
         as projections are no longer than the rows), to be made exact entry by entry by the screen."""
+        exact = (self._rows, gallery.rows.numpy())
         if bounded and self._basis is not None:
             if gallery.bound is None:
                 projected = _matmul(gallery.rows, self._basis)
-                if self._pairs is None:
+                if self._tiled_queries is None:
                     gallery.bound = fused.fill_norm_columns(projected, self.dtype == torch.bfloat16).to(self.dtype)
                 else:
                     projected = projected[:, :-4]
                     gallery.bound = (tiledot.pack_rows(projected.to(self.dtype), tiledot.ROWS),
                                      projected.pow(2).sum(1).numpy())
-            if self._pairs is None:
+            if self._tiled_queries is None:
                 product = _matmul(gallery.bound, self._bound[rows])
             else:
-                product = fused.TiledProduct(gallery.bound[0], gallery.bound[1], *self._pairs, rows.stop - rows.start)
-            return _Block(product, gallery.terms, rows.start, True, (self._rows, gallery.rows.numpy()))
+                product = fused.TiledProduct(gallery.bound[0], gallery.bound[1], *self._tiled_queries,
+                                             rows.stop - rows.start)
+            return _Block(product, gallery.terms, rows.start, True, exact)
         if gallery.direct is None:
             gallery.direct = gallery.rows.to(self.dtype)
         # A bfloat16 product's entries are formed again from the rows where they pass, to be bracketed by
         # float32's tolerance: bfloat16's, at the scale of the pixels' norms, kept 48 candidates per query
         # instead of 1.2 where near pixels are much closer than that (bottle's uniform backgrounds).
-        exact = (self._rows, gallery.rows.numpy()) if self.dtype == torch.bfloat16 else None
-        return _Block(_matmul(gallery.direct, self.direct[rows]), gallery.terms, rows.start, False, exact)
+        return _Block(_matmul(gallery.direct, self.direct[rows]), gallery.terms, rows.start, False,
+                      exact if self.dtype == torch.bfloat16 else None)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ as one vector, so the queries' side is stored pair-major (:func:`pack_columns`).
 
 numba has no bfloat16 type and no vector types; :func:`tile` is written as LLVM IR through numba's
 ``intrinsic``. LLVM can only emit the bfloat16 one for a CPU with AVX512-BF16, and the float32 one keeps
-its 16 sums in registers only with AVX-512's 32: :func:`supported` says where each may be used. numba's disk cache of the loops that use it is keyed on their own
-file's contents only: after editing this one, delete ``anomaly/__pycache__/*.nbi`` and ``*.nbc``.
+its 16 sums in registers only with AVX-512's 32: :func:`supported` says where each may be used. numba's
+disk cache of the loops that use it is keyed on their own file's contents only: after editing this one,
+delete ``anomaly/__pycache__/*.nbi`` and ``*.nbc``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _INSTRUCTION = "llvm.x86.avx512bf16.dpbf16ps.512"
 
 
 @lru_cache(maxsize=2)
-def supported(dtype: torch.dtype = torch.bfloat16) -> bool:
+def supported(dtype: torch.dtype) -> bool:
     """Whether numba compiles for a CPU with AVX512-BF16 (its host, unless ``NUMBA_CPU_NAME`` says otherwise),
     with an LLVM that names the instruction's operands ``bfloat`` (17 and later); for float32 tiles, a CPU
     with AVX-512 (32 vector registers: a tile's 16 sums stay in registers)."""

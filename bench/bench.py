@@ -292,7 +292,7 @@ def section_bound(args) -> None:
     """One bounded block, the pixel search's most frequent piece of work: the first test image's first
     query tile against its nearest normal image, the bound multiplied and written out (oneDNN) and then
     reduced by the minima loop, against formed in registers by the minima loop itself (TiledProduct)."""
-    if not tiledot.supported():
+    if not tiledot.supported(torch.bfloat16):
         print("\n(section bound: no AVX512-BF16 here, so the bound is always multiplied and written out)")
         return
     data = category(args)
