@@ -34,7 +34,7 @@ Two searches serve SPADE:
     (wide_resnet50_2). The coarse levels stay exact, so the bound stays close: about three
     times as many (chunk, query) pairs pass it as pass the exact distances, and the screen
     forms those entries' finest-grid part again, exactly. On a CPU with AVX512-BF16 (bfloat16)
-    or AVX-512 (float32) that product is never written out: writing and reading its 2.5 million
+    or AVX2 (float32) that product is never written out: writing and reading its 2.5 million
     entries took longer than multiplying 32 columns, so the minima loop forms it tile by
     tile in registers (:mod:`anomaly.tiledot`, :class:`anomaly.fused.TiledProduct`).
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
@@ -449,7 +449,7 @@ class _Plan:
     sides, in float32 as that is cheap there; the products are interpolated over the query
     grid once per gallery image, and over the gallery grid inside the compiled pass. The bound is
     formed in registers (a :class:`anomaly.fused.TiledProduct`) where the CPU can (bfloat16 with
-    AVX512-BF16, float32 with AVX-512), unless ``registers`` is False; otherwise it is multiplied
+    AVX512-BF16, float32 with AVX-512 or AVX2), unless ``registers`` is False; otherwise it is multiplied
     and written out.
     """
 

@@ -1,5 +1,5 @@
 """Dot products formed in registers, for compiled loops that use a product's entries as they form them:
-bfloat16 pairs on AVX512-BF16, float32 on AVX-512.
+bfloat16 pairs on AVX512-BF16, float32 on AVX-512 or AVX2.
 
 A matrix product handed to a library has to be written out in full before a loop can reduce it: for
 the search's bounded product (28 columns, see :mod:`anomaly.search`) that write and the read after it
@@ -8,15 +8,15 @@ took longer than the multiplying. :func:`tile` instead forms a small tile of ent
 float32 values), adds the product, and hands back only each query's minimum over the tile's rows. In
 bfloat16 the product comes from the CPU's ``VDPBF16PS`` instruction (16 float32 lanes, each adding the
 products of a pair of bfloat16 values, exact, to its sum); in float32 from fused multiply-adds, one
-column at a time.
+column at a time, in 16 lanes (AVX-512) or 8 (AVX2).
 
 bfloat16 operands are packed in pairs of columns, one int32 each (:func:`pack_rows`; float32 ones stay as
 they are): a gallery row's pair (or value) is broadcast to all lanes, and 16 queries' pairs are read
 as one vector, so the queries' side is stored pair-major (:func:`pack_columns`).
 
 numba has no bfloat16 type and no vector types; :func:`tile` is written as LLVM IR through numba's
-``intrinsic``. LLVM can only emit the bfloat16 one for a CPU with AVX512-BF16, and the float32 one keeps
-its 16 sums in registers only with AVX-512's 32: :func:`supported` says where each may be used. numba's
+``intrinsic``. LLVM can only emit the bfloat16 one for a CPU with AVX512-BF16; the float32 one is formed
+in blocks small enough for the CPU's vector registers: :func:`supported` says where each may be used. numba's
 disk cache of the loops that use it is keyed on their own file's contents only: after editing this one,
 delete ``anomaly/__pycache__/*.nbi`` and ``*.nbc``.
 """
@@ -33,25 +33,34 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-VECTORS = 2
-LANES = 16 * VECTORS
-"""Query columns per tile: VECTORS 512-bit vectors of float32 sums."""
+LANES = 32
+"""Query columns per tile: two 512-bit vectors of float32 sums on AVX-512, four 256-bit ones on AVX2."""
 ROWS = 8
-"""Gallery rows per tile, at most: one accumulator register each."""
+"""Gallery rows per tile, at most."""
 _INSTRUCTION = "llvm.x86.avx512bf16.dpbf16ps.512"
+AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sahf,+sse,+sse2,+sse3,"
+    "+sse4.1,+sse4.2,+ssse3,+xsave")}
+"""Environment under which a new process's numba compiles for an AVX2 CPU without AVX-512 (Haswell, most
+laptops' instruction set), so that a machine with AVX-512 can test and time the code those CPUs run."""
+
+
+def _has(feature: str) -> bool:
+    """Whether numba compiles for a CPU with ``feature``: its host, unless ``NUMBA_CPU_NAME`` names another
+    (then only what ``NUMBA_CPU_FEATURES`` promises)."""
+    if numba.config.CPU_NAME is not None:
+        return f"+{feature}" in (numba.config.CPU_FEATURES or "")
+    return bool(llvmlite.binding.get_host_cpu_features().get(feature, False))
 
 
 @lru_cache(maxsize=2)
 def supported(dtype: torch.dtype) -> bool:
-    """Whether numba compiles for a CPU with AVX512-BF16 (its host, unless ``NUMBA_CPU_NAME`` says otherwise),
-    with an LLVM that names the instruction's operands ``bfloat`` (17 and later); for float32 tiles, a CPU
-    with AVX-512 (32 vector registers: a tile's 16 sums stay in registers)."""
-    feature = "avx512bf16" if dtype == torch.bfloat16 else "avx512f"
-    if dtype == torch.bfloat16 and llvmlite.binding.llvm_version_info[0] < 17:
-        return False
-    if numba.config.CPU_NAME is not None:  # compiling for a named CPU: only what its features promise
-        return f"+{feature}" in (numba.config.CPU_FEATURES or "")
-    return bool(llvmlite.binding.get_host_cpu_features().get(feature, False))
+    """Whether :func:`tile` may be used for ``dtype``: bfloat16 needs AVX512-BF16 and an LLVM that names the
+    instruction's operands ``bfloat`` (17 and later); float32 needs fused multiply-adds in 256-bit (AVX2 and
+    FMA) or 512-bit vectors (AVX-512)."""
+    if dtype == torch.bfloat16:
+        return llvmlite.binding.llvm_version_info[0] >= 17 and _has("avx512bf16")
+    return _has("avx512f") or (_has("avx2") and _has("fma"))
 
 
 def pack_rows(x: torch.Tensor, pad_rows: int = 0) -> np.ndarray:
@@ -87,10 +96,10 @@ class _BFloat(ir.Type):
         return hash("bfloat")
 
 
-_F32 = ir.VectorType(ir.FloatType(), 16)
 _I32 = ir.VectorType(ir.IntType(32), 16)
 _BF16 = ir.VectorType(_BFloat(), 32)
 _I64 = ir.IntType(64)
+_FLOAT = ir.FloatType()
 
 
 @intrinsic
@@ -103,7 +112,11 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
     them: int32 (bfloat16 pairs) or float32; ``mixed`` (M, >= LANES), ``weights`` (ROWS, J), ``base`` (ROWS,)
     and ``out`` float32, ``sources`` (J,) int64, 1 <= ``rows`` <= ROWS. Reads ROWS rows and LANES columns
     whatever ``rows`` is. The products are summed pair by pair (or column by column) in order, onto the
-    rest, in float32."""
+    rest, in float32: the same sums, bit for bit, in 512-bit or 256-bit vectors.
+
+    The tile is formed in blocks of two vectors of queries by as many rows as keep the block's sums in
+    registers (half of them): 8 rows of AVX-512's 32 registers, 4 of AVX2's 16; each block's minima are
+    folded into the tile's."""
     signature = types.void(gallery, row, queries, column, mixed, sources, weights, base, rows, out, out_column)
 
     def codegen(context, builder, signature, args):
@@ -112,10 +125,16 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
         row, column, rows, out_column = (
             builder.sext(args[i], _I64) if args[i].type != _I64 else args[i] for i in (1, 3, 8, 10))
         bfloat16 = signature.args[0].dtype != types.float32
-        dpbf16ps = bfloat16 and (builder.module.globals.get(_INSTRUCTION) or ir.Function(
-            builder.module, ir.FunctionType(_F32, [_F32, _BF16, _BF16]), _INSTRUCTION))
-        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
-            builder.module, ir.FunctionType(_F32, [_F32, _F32, _F32]), "llvm.fma.v16f32")
+        width = 16 if _has("avx512f") else 8  # float32 lanes per vector
+        block_rows = ROWS if width == 16 else ROWS // 2
+        vector = ir.VectorType(_FLOAT, width)
+
+        def declare(name, arguments):
+            return builder.module.globals.get(name) or ir.Function(
+                builder.module, ir.FunctionType(vector, arguments), name)
+
+        dpbf16ps = bfloat16 and declare(_INSTRUCTION, [vector, _BF16, _BF16])
+        fma = declare(f"llvm.fma.v{width}f32", [vector] * 3)
 
         def at(array, offset, kind):
             address = builder.add(builder.ptrtoint(array.data, _I64), offset)
@@ -128,54 +147,67 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
             return builder.extract_value(array.strides, axis)
 
         def broadcast(value, kind):  # a scalar in every lane
-            vector = ir.VectorType(value.type, 16)
-            lanes = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-            return builder.bitcast(builder.shuffle_vector(lanes, ir.Constant(vector, ir.Undefined),
-                                                          ir.Constant(_I32, [0] * 16)), kind)
+            lanes = ir.VectorType(value.type, width)
+            first = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+            return builder.bitcast(builder.shuffle_vector(first, ir.Constant(lanes, ir.Undefined),
+                                                          ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)),
+                                   kind)
 
-        sums = [[cgutils.alloca_once(builder, _F32) for _ in range(VECTORS)] for _ in range(ROWS)]  # in registers
-        for r in range(ROWS):
-            first = broadcast(builder.load(at(base_array, builder.mul(constant(r), stride(base_array, 0)),
-                                           ir.FloatType()), align=4), _F32)
-            for v in range(VECTORS):
-                builder.store(first, sums[r][v])
-        with cgutils.for_range(builder, builder.extract_value(sources_array.shape, 0)) as loop:
-            source = builder.load(at(sources_array, builder.mul(loop.index, stride(sources_array, 0)), _I64), align=8)
-            offset = builder.mul(source, stride(mixed_array, 0))
-            terms = [builder.load(at(mixed_array, builder.add(offset, constant(64 * v)), _F32), align=4)
-                     for v in range(VECTORS)]
-            for r in range(ROWS):
-                address = builder.add(builder.mul(constant(r), stride(weights_array, 0)),
-                                      builder.mul(loop.index, stride(weights_array, 1)))
-                weight = broadcast(builder.load(at(weights_array, address, ir.FloatType()), align=4), _F32)
-                for v in range(VECTORS):
-                    builder.store(builder.call(fma, [weight, terms[v], builder.load(sums[r][v])]), sums[r][v])
-        first_row, first_column = builder.mul(row, stride(gallery_array, 0)), builder.mul(column, constant(4))
-        with cgutils.for_range(builder, builder.extract_value(gallery_array.shape, 1)) as loop:
-            offset = builder.add(first_column, builder.mul(loop.index, stride(queries_array, 0)))
-            vector, scalar = (_I32, ir.IntType(32)) if bfloat16 else (_F32, ir.FloatType())
-            query = [builder.load(at(queries_array, builder.add(offset, constant(64 * v)), vector), align=4)
-                     for v in range(VECTORS)]
-            pair_offset = builder.add(first_row, builder.mul(loop.index, constant(4)))
-            for r in range(ROWS):
-                address = builder.add(pair_offset, builder.mul(constant(r), stride(gallery_array, 0)))
-                value = builder.load(at(gallery_array, address, scalar), align=4)
-                for v in range(VECTORS):
-                    total = builder.load(sums[r][v])
-                    if bfloat16:
-                        total = builder.call(dpbf16ps, [total, builder.bitcast(query[v], _BF16),
-                                                        broadcast(value, _BF16)])
-                    else:
-                        total = builder.call(fma, [broadcast(value, _F32), query[v], total])
-                    builder.store(total, sums[r][v])
-        for v in range(VECTORS):
-            low = builder.load(sums[0][v])
-            for r in range(1, ROWS):
-                value = builder.load(sums[r][v])
-                smaller = builder.select(builder.fcmp_ordered("<", value, low), value, low)
-                low = builder.select(builder.icmp_signed(">", rows, constant(r)), smaller, low)
-            address = builder.add(builder.mul(out_column, constant(4)), constant(64 * v))
-            builder.store(low, at(out_array, address, _F32), align=4)
+        def form(block, vectors):
+            """The sums of rows ``block`` x query vectors ``vectors``, in registers."""
+            sums = {(r, v): cgutils.alloca_once(builder, vector) for r in block for v in vectors}
+            for r in block:
+                first = broadcast(builder.load(at(base_array, builder.mul(constant(r), stride(base_array, 0)),
+                                               _FLOAT), align=4), vector)
+                for v in vectors:
+                    builder.store(first, sums[r, v])
+            with cgutils.for_range(builder, builder.extract_value(sources_array.shape, 0)) as loop:
+                source = builder.load(at(sources_array, builder.mul(loop.index, stride(sources_array, 0)), _I64),
+                                      align=8)
+                offset = builder.mul(source, stride(mixed_array, 0))
+                terms = {v: builder.load(at(mixed_array, builder.add(offset, constant(4 * width * v)), vector),
+                                         align=4) for v in vectors}
+                for r in block:
+                    address = builder.add(builder.mul(constant(r), stride(weights_array, 0)),
+                                          builder.mul(loop.index, stride(weights_array, 1)))
+                    weight = broadcast(builder.load(at(weights_array, address, _FLOAT), align=4), vector)
+                    for v in vectors:
+                        builder.store(builder.call(fma, [weight, terms[v], builder.load(sums[r, v])]), sums[r, v])
+            first_row, first_column = builder.mul(row, stride(gallery_array, 0)), builder.mul(column, constant(4))
+            with cgutils.for_range(builder, builder.extract_value(gallery_array.shape, 1)) as loop:
+                offset = builder.add(first_column, builder.mul(loop.index, stride(queries_array, 0)))
+                kind, scalar = (_I32, ir.IntType(32)) if bfloat16 else (vector, _FLOAT)
+                query = {v: builder.load(at(queries_array, builder.add(offset, constant(4 * width * v)), kind),
+                                         align=4) for v in vectors}
+                pair_offset = builder.add(first_row, builder.mul(loop.index, constant(4)))
+                for r in block:
+                    address = builder.add(pair_offset, builder.mul(constant(r), stride(gallery_array, 0)))
+                    value = builder.load(at(gallery_array, address, scalar), align=4)
+                    for v in vectors:
+                        total = builder.load(sums[r, v])
+                        if bfloat16:
+                            total = builder.call(dpbf16ps, [total, builder.bitcast(query[v], _BF16),
+                                                            broadcast(value, _BF16)])
+                        else:
+                            total = builder.call(fma, [broadcast(value, vector), query[v], total])
+                        builder.store(total, sums[r, v])
+            return sums
+
+        for group in range(0, LANES // width, 2):
+            vectors = (group, group + 1)
+            low = {}
+            for first in range(0, ROWS, block_rows):  # rows in order, as one block would take them
+                block = range(first, first + block_rows)
+                sums = form(block, vectors)
+                for v in vectors:
+                    low[v] = builder.load(sums[first, v]) if first == 0 else low[v]
+                    for r in block[1:] if first == 0 else block:
+                        value = builder.load(sums[r, v])
+                        smaller = builder.select(builder.fcmp_ordered("<", value, low[v]), value, low[v])
+                        low[v] = builder.select(builder.icmp_signed(">", rows, constant(r)), smaller, low[v])
+            for v in vectors:
+                address = builder.add(builder.mul(out_column, constant(4)), constant(4 * width * v))
+                builder.store(low[v], at(out_array, address, vector), align=4)
         return context.get_dummy_value()
 
     return signature, codegen

@@ -54,6 +54,8 @@ from anomaly.threads import configure_threads  # noqa: E402
 
 import torch  # noqa: E402
 
+AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+"""torch's own kernels, oneDNN's and MKL's, limited to AVX2 (``--avx2``)."""
 SECTIONS = ("pixel", "bound", "accuracy", "throughput", "memory", "scaling", "bank5000")
 
 
@@ -254,7 +256,7 @@ def section_pixel(args) -> None:
     naive, cdist_only, faiss_time = float(np.median(total["naive"])), float(np.median(seconds["naive"])), \
         float(np.median(total["faiss"]))
     rows = []
-    default = search.resolve_precision("auto")
+    default = "fp32" if args.avx2 else search.resolve_precision("auto")  # an AVX2 CPU has no native bfloat16
     nominal = nominal_flops(channels, grids, images)
     labels = {"naive": "naive: stack pixels, torch.cdist + min", "faiss": "stack pixels, faiss.knn",
               "fp32": "search, fp32 ranking" + " (default)" * (default == "fp32"),
@@ -470,11 +472,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--throughput-images", type=int, default=96)
     parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[100, 1000, 5000])
     parser.add_argument("--synthetic", type=int, default=500, help="generated normal images for bank5000")
+    parser.add_argument("--avx2", action="store_true",
+                        help="time the code an AVX2 CPU without AVX-512 runs (most laptops): numba compiles for "
+                             "Haswell, torch's kernels stop at AVX2; float32 ranking is then the default")
     args = parser.parse_args(argv)
+    if args.avx2 and os.environ.get("NUMBA_CPU_NAME") != tiledot.AVX2_ONLY["NUMBA_CPU_NAME"]:
+        # numba and torch read these when they load: run the bench again in a process that starts with them.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_KERNELS, **tiledot.AVX2_ONLY})
     threads = configure_threads()
     print("$ python " + " ".join(sys.argv))
     print(f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, "
-          f"bf16 {'native' if search.bf16_supported() else 'not native'}, "
+          f"bf16 {'native' if search.bf16_supported() and not args.avx2 else 'not native'}, "
+          f"{'compiled as for an AVX2 CPU without AVX-512, ' if args.avx2 else ''}"
           f"allocator: {', '.join(allocator.applied) or 'system default'}, load average {os.getloadavg()[0]:.2f}")
     for name in args.section or SECTIONS[:-1]:
         globals()[f"section_{name}"](args)

@@ -176,9 +176,9 @@ def test_entries_formed_from_exact_rows_are_bracketed_by_the_exact_slack():
     assert kept[rows.numpy(), columns.numpy()].all()
 
 
-# Tiles of both kinds, where this CPU can form them (AVX512-BF16 for bfloat16, AVX-512 for float32).
-TILE_DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not tiledot.supported(dtype), reason=f"no {dtype} tiles"))
-               for dtype in (torch.bfloat16, torch.float32)]
+# Tiles of both kinds, where this CPU can form them (AVX512-BF16 for bfloat16, AVX-512 or AVX2 for float32).
+TILE_DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not tiledot.supported(dtype), reason=f"no {dtype} tiles"),
+                            id=str(dtype).removeprefix("torch.")) for dtype in (torch.bfloat16, torch.float32)]
 
 
 def tiled_product(rng, gallery: int, queries: int, columns: int, count: int, dtype: torch.dtype
@@ -258,11 +258,11 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly(dtype):
 
 def test_pair_products_only_where_llvm_can_emit_them(monkeypatch):
     """LLVM cannot emit VDPBF16PS for a CPU without AVX512-BF16 (nor name its operands before LLVM 17), and
-    a float32 tile's 16 sums stay in registers only with AVX-512's 32: a numba told to compile for another
-    CPU, or an old LLVM, turns TiledProducts off."""
+    float32 tiles need vector fused multiply-adds: a numba told to compile for another CPU, or an old LLVM,
+    turns TiledProducts off."""
     try:
         monkeypatch.setattr(tiledot.numba.config, "CPU_NAME", "generic")
-        for features, bfloat16, float32 in [("", False, False), ("+avx2,+fma", False, False),
+        for features, bfloat16, float32 in [("", False, False), ("+avx2", False, False), ("+avx2,+fma", False, True),
                                             ("+avx512f", False, True), ("+avx512f,+avx512bf16", True, True)]:
             monkeypatch.setattr(tiledot.numba.config, "CPU_FEATURES", features)
             tiledot.supported.cache_clear()
@@ -274,6 +274,20 @@ def test_pair_products_only_where_llvm_can_emit_them(monkeypatch):
     finally:
         monkeypatch.undo()
         tiledot.supported.cache_clear()
+
+
+def test_float32_tiles_on_avx2(tmp_path):
+    """Most laptops have AVX2 and no AVX-512: there a float32 tile is formed in 8-lane blocks of 4 rows.
+    The tile tests above, run again in a numba compiling for such a CPU (Haswell), must pass, not skip."""
+    if not (tiledot._has("avx2") and tiledot._has("fma")):
+        pytest.skip("this CPU cannot run code compiled for AVX2")
+    env = {**os.environ, **tiledot.AVX2_ONLY, "NUMBA_CACHE_DIR": str(tmp_path)}
+    tests = "float32 and (minima_match_numpy or every_entry_of_a_pair_product)"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert "skipped" not in summary and " 25 passed" in f" {summary}", summary
 
 
 def test_pack_rows_pairs_bfloat16_columns_and_keeps_float32_ones():
