@@ -27,7 +27,8 @@ from .sources import InputItem
 THUMBNAIL_SIZE = 128
 
 Progress = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` after each batch."""
+"""Called as ``progress(done, total)`` once as the work starts (``done`` 0: a bar's clock starts there)
+and after each batch."""
 
 
 @dataclass
@@ -139,6 +140,8 @@ def iter_batches(
         # Written at the input's own index, which no row still to be filled lies beyond.
         return load(items[index], identity, None if kept is None else kept.thumbnails[index])
 
+    if progress is not None:
+        progress(0, len(items))
     with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="decode") as pool:
         for start in range(0, len(items), batch_size):
             loaded = list(pool.map(decode, range(start, min(start + batch_size, len(items)))))

@@ -195,6 +195,8 @@ class SPADE:
             return np.zeros(0, np.float32)
         chosen = np.unique(np.linspace(0, len(bank) - 1, min(self.calibration_images, len(bank))).round().astype(int))
         maxima = []
+        if progress is not None:
+            progress(0, len(chosen))
         for index in chosen:
             _, neighbours = bank.nearest(bank.global_features[index : index + 1], min(self.k, len(bank) - 1) + 1)
             others = [n for n in neighbours[0] if n != index][: min(self.k, len(bank) - 1)]

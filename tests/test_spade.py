@@ -35,7 +35,11 @@ def fitted(tmp_path_factory, small_resnet18):
     folder = tmp_path_factory.mktemp("train")
     write_images(folder, range(7))
     model = SPADE(extractor=small_resnet18, k=3, kappa=2, precision="fp32", batch_size=3, calibration_images=3)
-    model.fit(collect_inputs([folder]).items)
+    reports = {"fit": [], "calibrate": []}
+    model.fit(collect_inputs([folder]).items, progress=lambda *done: reports["fit"].append(done),
+              calibration_progress=lambda *done: reports["calibrate"].append(done))
+    # Both stages report as they start, so that a progress bar's clock and rate count all of their work.
+    assert reports == {"fit": [(0, 7), (3, 7), (6, 7), (7, 7)], "calibrate": [(0, 3), (1, 3), (2, 3), (3, 3)]}
     return model
 
 
