@@ -102,8 +102,7 @@ def _announce(model: SPADE) -> None:
     if extractor.notice:
         _say(extractor.notice)
     identity = extractor.identity
-    _say(f"backbone: {identity.name}, weights: {identity.weights}; pixel search: "
-         f"{search.resolve_precision(model.precision)}")
+    _say(f"backbone: {identity.name}, weights: {identity.weights}; pixel search: {search.describe(model.precision)}")
 
 
 def _prepare_pixel_search(model: SPADE) -> None:

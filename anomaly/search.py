@@ -148,6 +148,14 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     return precision
 
 
+def describe(precision: Precision) -> str:
+    """How the pixel search runs on this machine, for logs and bug reports."""
+    mode = resolve_precision(precision)
+    isa = tiledot.instructions(torch.bfloat16 if mode == "bf16" else torch.float32)
+    where = f"formed in registers ({isa})" if isa else "multiplied and written out"
+    return f"{mode} ranking, its bound {where}"
+
+
 def warm_up(precision: Precision = "auto") -> None:
     """Compile the pixel search's loops now, for ``precision``, instead of in the first real search.
 

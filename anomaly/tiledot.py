@@ -54,13 +54,20 @@ def _has(feature: str) -> bool:
 
 
 @lru_cache(maxsize=2)
-def supported(dtype: torch.dtype) -> bool:
-    """Whether :func:`tile` may be used for ``dtype``: bfloat16 needs AVX512-BF16 and an LLVM that names the
-    instruction's operands ``bfloat`` (17 and later); float32 needs fused multiply-adds in 256-bit (AVX2 and
-    FMA) or 512-bit vectors (AVX-512)."""
+def instructions(dtype: torch.dtype) -> str | None:
+    """The instructions :func:`tile` forms ``dtype`` products with here, or None where it may not be used:
+    bfloat16 needs AVX512-BF16 and an LLVM that names the instruction's operands ``bfloat`` (17 and later);
+    float32 needs fused multiply-adds in 512-bit (AVX-512) or 256-bit vectors (AVX2 and FMA)."""
     if dtype == torch.bfloat16:
-        return llvmlite.binding.llvm_version_info[0] >= 17 and _has("avx512bf16")
-    return _has("avx512f") or (_has("avx2") and _has("fma"))
+        return "AVX512-BF16" if llvmlite.binding.llvm_version_info[0] >= 17 and _has("avx512bf16") else None
+    if _has("avx512f"):
+        return "AVX-512"
+    return "AVX2" if _has("avx2") and _has("fma") else None
+
+
+def supported(dtype: torch.dtype) -> bool:
+    """Whether :func:`tile` may be used for ``dtype`` (see :func:`instructions`)."""
+    return instructions(dtype) is not None
 
 
 def pack_rows(x: torch.Tensor, pad_rows: int = 0) -> np.ndarray:

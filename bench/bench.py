@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, "
           f"bf16 {'native' if search.bf16_supported() and not args.avx2 else 'not native'}, "
           f"{'compiled as for an AVX2 CPU without AVX-512, ' if args.avx2 else ''}"
+          f"pixel search by default: {search.describe('fp32' if args.avx2 else 'auto')}, "
           f"allocator: {', '.join(allocator.applied) or 'system default'}, load average {os.getloadavg()[0]:.2f}")
     for name in args.section or SECTIONS[:-1]:
         globals()[f"section_{name}"](args)

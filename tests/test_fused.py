@@ -259,21 +259,26 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly(dtype):
 def test_pair_products_only_where_llvm_can_emit_them(monkeypatch):
     """LLVM cannot emit VDPBF16PS for a CPU without AVX512-BF16 (nor name its operands before LLVM 17), and
     float32 tiles need vector fused multiply-adds: a numba told to compile for another CPU, or an old LLVM,
-    turns TiledProducts off."""
+    turns TiledProducts off. The search says which it uses."""
     try:
         monkeypatch.setattr(tiledot.numba.config, "CPU_NAME", "generic")
-        for features, bfloat16, float32 in [("", False, False), ("+avx2", False, False), ("+avx2,+fma", False, True),
-                                            ("+avx512f", False, True), ("+avx512f,+avx512bf16", True, True)]:
+        for features, bfloat16, float32 in [("", None, None), ("+avx2", None, None), ("+avx2,+fma", None, "AVX2"),
+                                            ("+avx512f", None, "AVX-512"),
+                                            ("+avx2,+fma,+avx512f,+avx512bf16", "AVX512-BF16", "AVX-512")]:
             monkeypatch.setattr(tiledot.numba.config, "CPU_FEATURES", features)
-            tiledot.supported.cache_clear()
-            assert (tiledot.supported(torch.bfloat16), tiledot.supported(torch.float32)) == (bfloat16, float32)
+            tiledot.instructions.cache_clear()
+            assert (tiledot.instructions(torch.bfloat16), tiledot.instructions(torch.float32)) == (bfloat16, float32)
+            assert (tiledot.supported(torch.bfloat16), tiledot.supported(torch.float32)) == (bool(bfloat16), bool(float32))
+            assert search.describe("fp32") == ("fp32 ranking, its bound " + (
+                f"formed in registers ({float32})" if float32 else "multiplied and written out"))
         monkeypatch.setattr(tiledot.llvmlite.binding, "llvm_version_info", (16, 0, 0))
-        tiledot.supported.cache_clear()
+        tiledot.instructions.cache_clear()
         assert not tiledot.supported(torch.bfloat16)
+        assert search.describe("bf16") == "bf16 ranking, its bound multiplied and written out"
         assert tiledot.supported(torch.float32)
     finally:
         monkeypatch.undo()
-        tiledot.supported.cache_clear()
+        tiledot.instructions.cache_clear()
 
 
 def test_float32_tiles_on_avx2(tmp_path):
