@@ -6,6 +6,7 @@ import streamlit as st
 
 from anomaly.app import cache, entry, figures, render, session, widgets, workflows
 from anomaly.app.widgets import plain
+from anomaly import search
 from anomaly.backbones import BACKBONES
 from anomaly.bank import NormalBank
 
@@ -68,7 +69,8 @@ cols[0].metric("Normal images", f"{len(bank):,}")
 cols[1].metric("Global feature size", f"{bank.global_features.shape[1]:,}")
 cols[2].metric("Bank size", f"{bank.nbytes() / 2**20:,.1f} MiB")
 st.markdown(f"**Backbone in use:** {plain(identity.name)} · weights: {plain(identity.weights)} · "
-            f"input {identity.image_size}×{identity.image_size} px · K = {model.k} nearest normal images")
+            f"input {identity.image_size}×{identity.image_size} px · K = {model.k} nearest normal images · "
+            f"pixel search: {search.describe(model.precision)}")
 if state.notice:
     st.info(plain(state.notice))
 widgets.show_problems(bank.skipped, f"{len(bank.skipped):,} normal input(s) could not be read and were skipped.")

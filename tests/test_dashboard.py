@@ -16,7 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import hostile
-from anomaly import SPADE, collect_inputs
+from anomaly import SPADE, collect_inputs, search
 from anomaly.app import cache, findings, tables, workflows
 from anomaly.backbones import FeatureExtractor
 from anomaly.demo import make_demo_dataset
@@ -205,6 +205,7 @@ def test_bank_from_uploads_skips_unreadable_files_and_says_so():
     at.button(key="bank_build_go").click().run()
     assert not at.exception
     assert metric(at, "Normal images") == "4"
+    assert f"pixel search: {search.describe('auto')}" in texts(at.markdown)  # how this CPU runs it
     warning = texts(at.warning)
     assert "2 normal input(s) could not be read" in warning
     skipped = at.session_state["bank_state"].bank.skipped
