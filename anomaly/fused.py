@@ -353,53 +353,64 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
             _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
 
 
-@_compiled(parallel=True, **_FLAGS)
-def _tiled_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights, widths,
-                 spread, start, chunk, reach, minima, hits, smallest):
-    """:func:`_chunk_minima` of a :class:`TiledProduct`: per gallery row, the native levels' rows mixed once,
-    and the queries' norms as one more row; per chunk, which of those rows its pixels take and with what
-    weights; then per LANES queries :func:`anomaly.tiledot.tile` sums each entry's terms and product in
-    registers and takes the minima."""
-    count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
-    lanes, most = tiledot.LANES, tiledot.ROWS
-    runs = (width + chunk - 1) // chunk
-    offsets = _level_offsets(widths)
-    for y in numba.prange(rows.shape[1]):
-        mixed = np.empty((offsets[levels] + 1, count + lanes), np.float32)  # columns past count: read, never used
-        _mix_down(coarse, rows, row_weights, y, start, offsets, mixed[:, :count])
-        mixed[offsets[levels]] = query_norms[start : start + count + lanes]
-        sources = np.empty(2 * most * levels + 1, np.int64)
-        weights = np.empty((most, 2 * most * levels + 1), np.float32)
-        base = np.zeros(most, np.float32)
-        out = np.empty(lanes, np.float32)
-        for c in range(runs):
-            low, first = minima[y * runs + c], c * chunk
-            used = min(chunk, width - first)
-            # The chunk's pixels mix a few native columns of each level: weights[i, j] of mixed row sources[j].
-            sources[0], found = offsets[levels], 1
-            weights[:] = 0
-            for i in range(used):
-                weights[i, 0] = 1
-                base[i] = gallery_norms[y * width + first + i] - spread[y * width + first + i]
-                for k in range(levels):
-                    for t in range(2):
-                        source, j = offsets[k] + cols[k, first + i, t], 0
-                        while j < found and sources[j] != source:
-                            j += 1
-                        if j == found:
-                            sources[j] = source
-                            found += 1
-                        weights[i, j] += col_weights[k, first + i, t]
-            row = y * width + first
-            whole = count - count % lanes
-            for block in range(0, whole, lanes):
-                tiledot.tile(gallery, row, queries, start + block, mixed[:, block:], sources[:found],
-                             weights[:, :found], base, used, low, block)
-            if whole < count:
-                tiledot.tile(gallery, row, queries, start + whole, mixed[:, whole:], sources[:found],
-                             weights[:, :found], base, used, out, 0)
-                low[whole:] = out[: count - whole]
-            _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
+def _closing_over(digest: str):
+    """:func:`_tiled_minima` closed over ``digest``, tiledot.py's: numba's disk cache keys a loop on its own
+    file and on the values it closes over, not on the files of what it calls, so without this an edit of
+    tiledot.py would leave the loop running the old tile from the cache."""
+
+    @_compiled(parallel=True, **_FLAGS)
+    def _tiled_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights,
+                      widths, spread, start, chunk, reach, minima, hits, smallest):
+        """:func:`_chunk_minima` of a :class:`TiledProduct`: per gallery row, the native levels' rows mixed once,
+        and the queries' norms as one more row; per chunk, which of those rows its pixels take and with what
+        weights; then per LANES queries :func:`anomaly.tiledot.tile` sums each entry's terms and product in
+        registers and takes the minima."""
+        digest  # noqa: B018 (a use, so that the loop closes over it: see _closing_over)
+        count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
+        lanes, most = tiledot.LANES, tiledot.ROWS
+        runs = (width + chunk - 1) // chunk
+        offsets = _level_offsets(widths)
+        for y in numba.prange(rows.shape[1]):
+            # Columns past count are read by the last tile, never used.
+            mixed = np.empty((offsets[levels] + 1, count + lanes), np.float32)
+            _mix_down(coarse, rows, row_weights, y, start, offsets, mixed[:, :count])
+            mixed[offsets[levels]] = query_norms[start : start + count + lanes]
+            sources = np.empty(2 * most * levels + 1, np.int64)
+            weights = np.empty((most, 2 * most * levels + 1), np.float32)
+            base = np.zeros(most, np.float32)
+            out = np.empty(lanes, np.float32)
+            for c in range(runs):
+                low, first = minima[y * runs + c], c * chunk
+                used = min(chunk, width - first)
+                # The chunk's pixels mix a few native columns of each level: weights[i, j] of mixed row sources[j].
+                sources[0], found = offsets[levels], 1
+                weights[:] = 0
+                for i in range(used):
+                    weights[i, 0] = 1
+                    base[i] = gallery_norms[y * width + first + i] - spread[y * width + first + i]
+                    for k in range(levels):
+                        for t in range(2):
+                            source, j = offsets[k] + cols[k, first + i, t], 0
+                            while j < found and sources[j] != source:
+                                j += 1
+                            if j == found:
+                                sources[j] = source
+                                found += 1
+                            weights[i, j] += col_weights[k, first + i, t]
+                row = y * width + first
+                whole = count - count % lanes
+                for block in range(0, whole, lanes):
+                    tiledot.tile(gallery, row, queries, start + block, mixed[:, block:], sources[:found],
+                                 weights[:, :found], base, used, low, block)
+                if whole < count:
+                    tiledot.tile(gallery, row, queries, start + whole, mixed[:, whole:], sources[:found],
+                                 weights[:, :found], base, used, out, 0)
+                    low[whole:] = out[: count - whole]
+                _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
+    return _tiled_minima
+
+
+_tiled_minima = _closing_over(tiledot.SOURCE_DIGEST)
 
 
 @_compiled(inline="always", **_FLAGS)

@@ -16,14 +16,15 @@ as one vector, so the queries' side is stored pair-major (:func:`pack_columns`).
 
 numba has no bfloat16 type and no vector types; :func:`tile` is written as LLVM IR through numba's
 ``intrinsic``. LLVM can only emit the bfloat16 one for a CPU with AVX512-BF16; the float32 one is formed
-in blocks small enough for the CPU's vector registers: :func:`supported` says where each may be used. numba's
-disk cache of the loops that use it is keyed on their own file's contents only: after editing this one,
-delete ``anomaly/__pycache__/*.nbi`` and ``*.nbc``.
+in blocks small enough for the CPU's vector registers: :func:`supported` says where each may be used. The
+loop that uses it is cached on disk under a key that includes :data:`SOURCE_DIGEST`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
+from pathlib import Path
 
 import llvmlite.binding
 import numba
@@ -38,6 +39,9 @@ LANES = 32
 ROWS = 8
 """Gallery rows per tile, at most."""
 _INSTRUCTION = "llvm.x86.avx512bf16.dpbf16ps.512"
+SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+"""This file's SHA-256: the compiled loops that inline :func:`tile` close over it, so that numba's disk cache
+compiles them again when it changes (see :func:`anomaly.fused._closing_over`)."""
 AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": (
     "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sahf,+sse,+sse2,+sse3,"
     "+sse4.1,+sse4.2,+ssse3,+xsave")}
@@ -156,9 +160,8 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
         def broadcast(value, kind):  # a scalar in every lane
             lanes = ir.VectorType(value.type, width)
             first = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-            return builder.bitcast(builder.shuffle_vector(first, ir.Constant(lanes, ir.Undefined),
-                                                          ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)),
-                                   kind)
+            zeros = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+            return builder.bitcast(builder.shuffle_vector(first, ir.Constant(lanes, ir.Undefined), zeros), kind)
 
         def form(block, vectors):
             """The sums of rows ``block`` x query vectors ``vectors``, in registers."""

@@ -1,5 +1,6 @@
 """The compiled loops of the pixel search against numpy and torch on small cases."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -434,6 +435,44 @@ got = search.pixel_knn(torch.from_numpy(queries), torch.from_numpy(gallery), 2, 
 want = np.sort(((queries[:, None].astype(np.float64) - gallery[None]) ** 2).sum(-1), axis=1)[:, :2]
 print(np.abs(got - want).max())
 """
+
+
+TILED_MINIMA = """
+import json, numpy as np, torch, anomaly
+from anomaly import fused, search, tiledot
+assert anomaly.__file__.startswith({root!r}), anomaly.__file__
+rng = np.random.default_rng(0)
+g, q = (torch.from_numpy(rng.normal(size=(n, 4)).astype(np.float32)) for n in (1, 8))
+product = fused.TiledProduct(tiledot.pack_rows(g, tiledot.ROWS), g.pow(2).sum(1).numpy(), tiledot.pack_columns(-2 * q),
+                             np.pad(q.pow(2).sum(1).numpy(), (0, tiledot.LANES)), 8)
+terms = fused.Terms(np.zeros((0, 8), np.float32), *search._native_taps((), (1, 1)), np.zeros(1, np.float32))
+exact = fused.Tolerance(np.zeros(8, np.float32), np.zeros(8, np.float32), 0.0)
+minima = fused.chunk_minima(product, terms, 0, 8, torch.full((8,), np.inf), exact)
+np.testing.assert_allclose(minima.values.numpy()[0], ((q - g) ** 2).sum(1).numpy(), rtol=1e-5, atol=1e-5)
+stats = fused._tiled_minima.stats
+print(json.dumps([sum(stats.cache_hits.values()), sum(stats.cache_misses.values())]))
+"""
+
+
+@pytest.mark.skipif(not tiledot.supported(torch.float32), reason="no float32 tiles")
+def test_editing_tiledot_recompiles_the_loop_that_inlines_its_tile(tmp_path):
+    """numba's disk cache keys a loop on its own file: the tiled minima loop also closes over tiledot.py's
+    digest, so that it is compiled again, not loaded with the old tile, once tiledot.py changes."""
+    shutil.copytree(Path(__file__).resolve().parents[1] / "anomaly", tmp_path / "anomaly",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {name: value for name, value in os.environ.items() if name != "NUMBA_CACHE_DIR"}  # beside the copy
+
+    def run() -> list[int]:  # [cache hits, cache misses] of the tiled minima loop
+        done = subprocess.run([sys.executable, "-c", TILED_MINIMA.format(root=str(tmp_path))], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert run() == [0, 1]  # compiled, and cached beside the copy
+    assert run() == [1, 0]  # loaded from the cache
+    with open(tmp_path / "anomaly" / "tiledot.py", "a") as source:
+        source.write("# edited\n")
+    assert run() == [0, 1]  # compiled again
 
 
 def test_compiles_in_memory_where_nothing_can_be_cached(tmp_path):
