@@ -86,7 +86,8 @@ def _model_options(parser: argparse.ArgumentParser, backbone_default: str) -> No
                         help="knn: paper's kNN score (default); map-max: maximum of the pixel map")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="pixel-search ranking precision: auto = bf16 where the CPU has it natively, else "
-                             "fp32; the neighbours and scores are the exact fp32 ones either way")
+                             "fp32 (bf16 elsewhere is emulated, many times slower); the neighbours and scores are "
+                             "the exact fp32 ones either way")
     parser.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
 
 

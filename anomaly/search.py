@@ -54,6 +54,7 @@ All distances are *squared* Euclidean, as in the paper's equations.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -145,6 +146,10 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
         return "bf16" if bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and not bf16_supported():
+        warnings.warn("bf16 ranking asked for, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): torch "
+                      "emulates it, many times slower than fp32 ranking, for the same answers", RuntimeWarning,
+                      stacklevel=2)
     return precision
 
 

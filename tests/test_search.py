@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,16 @@ def test_exact_distances_are_those_to_the_stacked_pyramid(dtype):
     got = search._exact(torch.from_numpy(queries), images, torch.from_numpy(query_ids), torch.from_numpy(pixel_ids))
     want = ((queries[query_ids].astype(np.float64) - gallery[pixel_ids].astype(np.float64)) ** 2).sum(1)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+
+
+def test_bf16_asked_for_without_native_bfloat16_is_warned_about(monkeypatch):
+    """Emulated bfloat16 made the search 18x slower (AVX2 build): a user forcing it should hear so."""
+    monkeypatch.setattr(search, "bf16_supported", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no native bfloat16"):
+        assert search.resolve_precision("bf16") == "bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert search.resolve_precision("auto") == search.resolve_precision("fp32") == "fp32"
 
 
 def test_pixel_knn_rejects_bad_kappa_precision_and_channels():
