@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,14 +37,16 @@ COMPILE_NOTICE_AFTER_S = 3.0
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (BankError, WeightsUnavailable, ValueError, OSError, RuntimeError) as exc:
-        _say(f"error: {exc}")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _say("interrupted")
-        return 130
+    with warnings.catch_warnings():  # one line each, like the command's other messages
+        warnings.showwarning = lambda message, *_, **__: _say(f"warning: {message}")
+        try:
+            return args.run(args)
+        except (BankError, WeightsUnavailable, ValueError, OSError, RuntimeError) as exc:
+            _say(f"error: {exc}")
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            _say("interrupted")
+            return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

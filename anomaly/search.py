@@ -147,10 +147,15 @@ def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     if precision == "bf16" and not bf16_supported():
-        warnings.warn("bf16 ranking asked for, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): torch "
-                      "emulates it, many times slower than fp32 ranking, for the same answers", RuntimeWarning,
-                      stacklevel=2)
+        _warn_emulated_bf16()
     return precision
+
+
+@lru_cache(maxsize=1)
+def _warn_emulated_bf16() -> None:
+    """Once per process, however many searches ask."""
+    warnings.warn("bf16 ranking asked for, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): torch emulates "
+                  "it, many times slower than fp32 ranking, for the same answers", RuntimeWarning, stacklevel=3)
 
 
 def describe(precision: Precision) -> str:

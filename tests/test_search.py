@@ -262,13 +262,20 @@ def test_exact_distances_are_those_to_the_stacked_pyramid(dtype):
 
 
 def test_bf16_asked_for_without_native_bfloat16_is_warned_about(monkeypatch):
-    """Emulated bfloat16 made the search 18x slower (AVX2 build): a user forcing it should hear so."""
+    """Emulated bfloat16 made the search 18x slower (AVX2 build): a user forcing it should hear so,
+    once however many searches ask."""
     monkeypatch.setattr(search, "bf16_supported", lambda: False)
-    with pytest.warns(RuntimeWarning, match="no native bfloat16"):
-        assert search.resolve_precision("bf16") == "bf16"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert search.resolve_precision("auto") == search.resolve_precision("fp32") == "fp32"
+    search._warn_emulated_bf16.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no native bfloat16") as caught:
+            for _ in range(3):
+                assert search.resolve_precision("bf16") == "bf16"
+        assert len(caught) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert search.resolve_precision("auto") == search.resolve_precision("fp32") == "fp32"
+    finally:
+        search._warn_emulated_bf16.cache_clear()
 
 
 def test_pixel_knn_rejects_bad_kappa_precision_and_channels():
