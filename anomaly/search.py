@@ -503,7 +503,7 @@ class _Plan:
                 squares = projected.pow(2).sum(1)
                 if registers and tiledot.supported(dtype):
                     self._tiled_queries = (tiledot.pack_columns((-2.0 * projected).to(dtype)),
-                                   np.pad(squares.numpy(), (0, tiledot.LANES)))
+                                           np.pad(squares.numpy(), (0, tiledot.LANES)))
                 else:
                     self._bound = _query_operand(projected, squares, dtype)
         # The native levels' own pixels, centred and measured as gallery() does the gallery's.

@@ -146,6 +146,7 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
 
         dpbf16ps = bfloat16 and declare(_INSTRUCTION, [vector, _BF16, _BF16])
         fma = declare(f"llvm.fma.v{width}f32", [vector] * 3)
+        query_kind, gallery_kind = (_I32, ir.IntType(32)) if bfloat16 else (vector, _FLOAT)  # pairs or values
 
         def at(array, offset, kind):
             address = builder.add(builder.ptrtoint(array.data, _I64), offset)
@@ -162,6 +163,8 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
             first = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
             zeros = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
             return builder.bitcast(builder.shuffle_vector(first, ir.Constant(lanes, ir.Undefined), zeros), kind)
+
+        first_row, first_column = builder.mul(row, stride(gallery_array, 0)), builder.mul(column, constant(4))
 
         def form(block, vectors):
             """The sums of rows ``block`` x query vectors ``vectors``, in registers."""
@@ -183,16 +186,14 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
                     weight = broadcast(builder.load(at(weights_array, address, _FLOAT), align=4), vector)
                     for v in vectors:
                         builder.store(builder.call(fma, [weight, terms[v], builder.load(sums[r, v])]), sums[r, v])
-            first_row, first_column = builder.mul(row, stride(gallery_array, 0)), builder.mul(column, constant(4))
             with cgutils.for_range(builder, builder.extract_value(gallery_array.shape, 1)) as loop:
                 offset = builder.add(first_column, builder.mul(loop.index, stride(queries_array, 0)))
-                kind, scalar = (_I32, ir.IntType(32)) if bfloat16 else (vector, _FLOAT)
-                query = {v: builder.load(at(queries_array, builder.add(offset, constant(4 * width * v)), kind),
-                                         align=4) for v in vectors}
+                query = {v: builder.load(at(queries_array, builder.add(offset, constant(4 * width * v)),
+                                            query_kind), align=4) for v in vectors}
                 pair_offset = builder.add(first_row, builder.mul(loop.index, constant(4)))
                 for r in block:
                     address = builder.add(pair_offset, builder.mul(constant(r), stride(gallery_array, 0)))
-                    value = builder.load(at(gallery_array, address, scalar), align=4)
+                    value = builder.load(at(gallery_array, address, gallery_kind), align=4)
                     for v in vectors:
                         total = builder.load(sums[r, v])
                         if bfloat16:

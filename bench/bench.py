@@ -196,6 +196,12 @@ def executed_work(query: list[torch.Tensor], pyramid: list[np.ndarray], neighbou
     return flops[0], float(np.mean(blocks))
 
 
+def default_precision(args) -> str:
+    """The ranking the library picks here, or, with ``--avx2``, on an AVX2 CPU (which has no native bfloat16;
+    this process's /proc/cpuinfo still says this machine's)."""
+    return "fp32" if args.avx2 else search.resolve_precision("auto")
+
+
 # ---- sections ---------------------------------------------------------------------------
 def naive_nearest(queries: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.Tensor:
     """The reference: torch.cdist of all query pixels against the whole gallery, then the minimum."""
@@ -256,7 +262,7 @@ def section_pixel(args) -> None:
     naive, cdist_only, faiss_time = float(np.median(total["naive"])), float(np.median(seconds["naive"])), \
         float(np.median(total["faiss"]))
     rows = []
-    default = "fp32" if args.avx2 else search.resolve_precision("auto")  # an AVX2 CPU has no native bfloat16
+    default = default_precision(args)
     nominal = nominal_flops(channels, grids, images)
     labels = {"naive": "naive: stack pixels, torch.cdist + min", "faiss": "stack pixels, faiss.knn",
               "fp32": "search, fp32 ranking" + " (default)" * (default == "fp32"),
@@ -482,9 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     threads = configure_threads()
     print("$ python " + " ".join(sys.argv))
     print(f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, "
-          f"bf16 {'native' if search.bf16_supported() and not args.avx2 else 'not native'}, "
+          f"bf16 {'native' if default_precision(args) == 'bf16' else 'not native'}, "
           f"{'compiled as for an AVX2 CPU without AVX-512, ' if args.avx2 else ''}"
-          f"pixel search by default: {search.describe('fp32' if args.avx2 else 'auto')}, "
+          f"pixel search by default: {search.describe(default_precision(args))}, "
           f"allocator: {', '.join(allocator.applied) or 'system default'}, load average {os.getloadavg()[0]:.2f}")
     for name in args.section or SECTIONS[:-1]:
         globals()[f"section_{name}"](args)

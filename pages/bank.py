@@ -4,9 +4,9 @@ from functools import partial
 
 import streamlit as st
 
+from anomaly import search
 from anomaly.app import cache, entry, figures, render, session, widgets, workflows
 from anomaly.app.widgets import plain
-from anomaly import search
 from anomaly.backbones import BACKBONES
 from anomaly.bank import NormalBank
 
