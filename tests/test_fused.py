@@ -425,6 +425,20 @@ def test_chunk_minima_from_concurrent_threads():
                 np.testing.assert_array_equal(a.smallest.numpy(), b.smallest.numpy())
 
 
+def copy_of_the_package(folder: Path) -> None:
+    """The anomaly package copied into ``folder``, without any compiled cache."""
+    shutil.copytree(Path(__file__).resolve().parents[1] / "anomaly", folder / "anomaly",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def run_in_copy(script: str, folder: Path, env: dict[str, str]) -> str:
+    """stdout of ``script`` (formatted with ``root``) run by a new interpreter on the copy in ``folder``."""
+    done = subprocess.run([sys.executable, "-c", script.format(root=str(folder))], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 UNCACHED_SEARCH = """
 import numpy as np, torch, anomaly
 from anomaly import search
@@ -458,15 +472,11 @@ print(json.dumps([sum(stats.cache_hits.values()), sum(stats.cache_misses.values(
 def test_editing_tiledot_recompiles_the_loop_that_inlines_its_tile(tmp_path):
     """numba's disk cache keys a loop on its own file: the tiled minima loop also closes over tiledot.py's
     digest, so that it is compiled again, not loaded with the old tile, once tiledot.py changes."""
-    shutil.copytree(Path(__file__).resolve().parents[1] / "anomaly", tmp_path / "anomaly",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    copy_of_the_package(tmp_path)
     env = {name: value for name, value in os.environ.items() if name != "NUMBA_CACHE_DIR"}  # beside the copy
 
     def run() -> list[int]:  # [cache hits, cache misses] of the tiled minima loop
-        done = subprocess.run([sys.executable, "-c", TILED_MINIMA.format(root=str(tmp_path))], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return json.loads(run_in_copy(TILED_MINIMA, tmp_path, env).strip().splitlines()[-1])
 
     assert run() == [0, 1]  # compiled, and cached beside the copy
     assert run() == [1, 0]  # loaded from the cache
@@ -478,15 +488,11 @@ def test_editing_tiledot_recompiles_the_loop_that_inlines_its_tile(tmp_path):
 def test_compiles_in_memory_where_nothing_can_be_cached(tmp_path):
     """A read-only install run by a user without a writable home: numba finds nowhere to cache
     the loops, and the import must still work (it used to fail with numba's RuntimeError)."""
-    shutil.copytree(Path(__file__).resolve().parents[1] / "anomaly", tmp_path / "anomaly",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    copy_of_the_package(tmp_path)
     (tmp_path / "anomaly" / "__pycache__").write_text("")  # nothing can be cached beside the source
     nowhere = str(tmp_path / "anomaly" / "__pycache__" / "cache")  # under a file: not creatable, even by root
     env = {**os.environ, "HOME": nowhere, "XDG_CACHE_HOME": nowhere, "NUMBA_CACHE_DIR": nowhere}
-    done = subprocess.run([sys.executable, "-c", UNCACHED_SEARCH.format(root=str(tmp_path))], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.split()[-1]) < 1e-3
+    assert float(run_in_copy(UNCACHED_SEARCH, tmp_path, env).split()[-1]) < 1e-3
 
 
 @pytest.mark.parametrize("k", [1, 3, 17, 40, 200])
