@@ -1,4 +1,4 @@
-"""Shared fixtures: one cached instance of each backbone the tests use."""
+"""Shared fixtures: one cached instance of each backbone the tests use, and a CPU without native bfloat16."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def efficientnet():
     from anomaly.backbones import load_extractor
 
     return load_extractor("efficientnet_lite0")
+
+
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    """This CPU as one without native bfloat16, with the once-per-process warning about it not yet given."""
+    from anomaly import search
+
+    monkeypatch.setattr(search, "bf16_supported", lambda: False)
+    search._warn_emulated_bf16.cache_clear()
+    yield
+    search._warn_emulated_bf16.cache_clear()

@@ -103,16 +103,11 @@ def test_bad_parameters_are_one_line_errors(bank_path, tmp_path, capsys, args, m
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_warnings_are_one_line_each(bank_path, tmp_path, capsys, monkeypatch):
+def test_warnings_are_one_line_each(bank_path, tmp_path, capsys, no_native_bf16):
     """bf16 forced on a CPU without it warns once, as one line like the command's other messages."""
-    monkeypatch.setattr(search, "bf16_supported", lambda: False)
-    search._warn_emulated_bf16.cache_clear()
     write_images(tmp_path / "test", [3])
-    try:
-        assert main(["score", "--bank", str(bank_path), "--precision", "bf16", "--out", str(tmp_path / "o.csv"),
-                     str(tmp_path / "test")]) == 0
-    finally:
-        search._warn_emulated_bf16.cache_clear()
+    assert main(["score", "--bank", str(bank_path), "--precision", "bf16", "--out", str(tmp_path / "o.csv"),
+                 str(tmp_path / "test")]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "bfloat16" in line]
     assert lines == ["warning: bf16 ranking asked for, but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
                      "torch emulates it, many times slower than fp32 ranking, for the same answers"]

@@ -261,21 +261,16 @@ def test_exact_distances_are_those_to_the_stacked_pyramid(dtype):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
 
 
-def test_bf16_asked_for_without_native_bfloat16_is_warned_about(monkeypatch):
+def test_bf16_asked_for_without_native_bfloat16_is_warned_about(no_native_bf16):
     """Emulated bfloat16 made the search 18x slower (AVX2 build): a user forcing it should hear so,
     once however many searches ask."""
-    monkeypatch.setattr(search, "bf16_supported", lambda: False)
-    search._warn_emulated_bf16.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="no native bfloat16") as caught:
-            for _ in range(3):
-                assert search.resolve_precision("bf16") == "bf16"
-        assert len(caught) == 1
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert search.resolve_precision("auto") == search.resolve_precision("fp32") == "fp32"
-    finally:
-        search._warn_emulated_bf16.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no native bfloat16") as caught:
+        for _ in range(3):
+            assert search.resolve_precision("bf16") == "bf16"
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert search.resolve_precision("auto") == search.resolve_precision("fp32") == "fp32"
 
 
 def test_pixel_knn_rejects_bad_kappa_precision_and_channels():
