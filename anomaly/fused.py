@@ -34,6 +34,7 @@ from numba.core import types
 from numba.extending import intrinsic, overload
 
 from anomaly import tiledot
+from anomaly.jit import compiled
 
 
 @dataclass(frozen=True)
@@ -267,18 +268,6 @@ def _team():
 _FLAGS = dict(nogil=True, boundscheck=False)
 
 
-def _compiled(**options):
-    """``numba.njit(**options)``, cached on disk where numba finds a writable place (beside this
-    file, or the user's cache directory), else compiled in memory at every start: a read-only
-    install run by a user without a writable home must not fail at import."""
-    def decorate(function):
-        try:
-            return numba.njit(cache=True, **options)(function)
-        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
-            return numba.njit(**options)(function)
-    return decorate
-
-
 @intrinsic
 def _float_from_bits(typingctx, bits):
     """Reinterpret uint32 bits as a float32 (numba has no scalar bit cast)."""
@@ -306,7 +295,7 @@ def _widen_typed(value):
     return lambda value: value
 
 
-@_compiled(parallel=True, **_FLAGS)
+@compiled(parallel=True, **_FLAGS)
 def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, reach, minima,
                   hits, smallest):
     """One gallery row at a time: its native levels' rows mixed once into a small buffer, then each
@@ -358,7 +347,7 @@ def _closing_over(digest: str):
     file and on the values it closes over, not on the files of what it calls, so without this an edit of
     tiledot.py would leave the loop running the old tile from the cache."""
 
-    @_compiled(parallel=True, **_FLAGS)
+    @compiled(parallel=True, **_FLAGS)
     def _tiled_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights,
                       widths, spread, start, chunk, reach, minima, hits, smallest):
         """:func:`_chunk_minima` of a :class:`TiledProduct`: per gallery row, the native levels' rows mixed once,
@@ -413,7 +402,7 @@ def _closing_over(digest: str):
 _tiled_minima = _closing_over(tiledot.SOURCE_DIGEST)
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _tally(low, reach, c, hits, smallest):
     """Count chunk c's minima within ``reach`` and fold them into ``smallest`` (one vectorised pass)."""
     count = np.int32(0)
@@ -423,7 +412,7 @@ def _tally(low, reach, c, hits, smallest):
     hits[c] = count
 
 
-@_compiled(**_FLAGS)
+@compiled(**_FLAGS)
 def _reach(within, offset, slack, roundoff):
     """The largest ranking distance whose lower end can be within ``within``, widened by far more than
     its own rounding (entries it lets through are tested on their lower end)."""
@@ -435,7 +424,7 @@ def _reach(within, offset, slack, roundoff):
     return reach
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _level_offsets(widths):
     """Where each native level's columns start among the mixed rows of :func:`_mix_down`, then their total."""
     offsets = np.zeros(widths.shape[0] + 1, np.int64)
@@ -444,7 +433,7 @@ def _level_offsets(widths):
     return offsets
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _mix_down(coarse, rows, row_weights, y, start, offsets, out):
     """Gallery row y's native rows of every level k, mixed down from two coarse rows each, over the query
     columns from ``start``: ``out[offsets[k] + j] = a0 * coarse[rows[k, y, 0] + j] + a1 * coarse[rows[k, y, 1] + j]``
@@ -460,7 +449,7 @@ def _mix_down(coarse, rows, row_weights, y, start, offsets, out):
                 target[p] = a0 * upper[p] + a1 * lower[p]
 
 
-@_compiled(parallel=True, **_FLAGS)
+@compiled(parallel=True, **_FLAGS)
 def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, spread, start, chunk, minima, hits, kth,
             within, offset, slack, roundoff, exact_slack, query_rows, gallery_rows):
     """Lower ``within``, then scan the chunks with hits for minima that pass (about one chunk per query,
@@ -518,7 +507,7 @@ def _screen(product, coarse, rows, row_weights, cols, col_weights, widths, sprea
 _PARALLEL_PAIRS = 64
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread, start, chunk, pair, within, reach,
                   offset, slack, roundoff, exact_slack, query_rows, gallery_rows, lower, upper, columns, pixels,
                   slot):
@@ -555,7 +544,7 @@ def _pair_entries(product, coarse, rows, row_weights, cols, col_weights, spread,
     return found - slot
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _entry(base, coarse, rows, row_weights, cols, col_weights, spread, y, x, g, q):
     """``base`` plus the native levels' mixed products at gallery pixel g = (y, x) and query column q,
     level by level, less the spread: the sums of :func:`_chunk_minima` in its order."""
@@ -569,7 +558,7 @@ def _entry(base, coarse, rows, row_weights, cols, col_weights, spread, y, x, g, 
     return value - spread[g]
 
 
-@_compiled(fastmath={"reassoc", "contract"}, **_FLAGS)
+@compiled(fastmath={"reassoc", "contract"}, **_FLAGS)
 def _squared_distance(query, gallery):
     """sum((query - gallery)^2) over the query's columns, in float32, summed in whatever order
     vectorises (nothing needs its exact bits: the tolerances cover float32 sums in any order)."""
@@ -580,7 +569,7 @@ def _squared_distance(query, gallery):
     return total
 
 
-@_compiled(**_FLAGS)
+@compiled(**_FLAGS)
 def _by_query(query, count):
     """A counting sort: entry indices grouped by query, in arrival order, and each query's start (count + 1,)."""
     starts = np.zeros(count + 1, np.int64)
@@ -596,7 +585,7 @@ def _by_query(query, count):
     return order, starts
 
 
-@_compiled(**_FLAGS)
+@compiled(**_FLAGS)
 def _prune(lower, upper, query, within, kappa, cap):
     order, starts = _by_query(query, within.shape[0])
     keep = np.empty(query.shape[0], np.int64)
@@ -617,7 +606,7 @@ def _prune(lower, upper, query, within, kappa, cap):
     return keep[:kept]
 
 
-@_compiled(**_FLAGS)
+@compiled(**_FLAGS)
 def _smallest(values, query, count, kappa):
     out = np.full((count, kappa), np.inf, np.float32)
     order, starts = _by_query(query, count)
@@ -628,7 +617,7 @@ def _smallest(values, query, count, kappa):
     return out
 
 
-@_compiled(**_FLAGS)
+@compiled(**_FLAGS)
 def _smallest_entries(values, group, k):
     """The entries of ``group`` with the k smallest ``values`` (all of them where it has fewer), ascending,
     equal values in their order in ``group``. A max-heap of k: O(n log k), and it compiles in a tenth
@@ -652,13 +641,13 @@ def _smallest_entries(values, group, k):
     return group[heap]
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _later(values, group, a, b):
     """Whether position a of ``group`` ranks after position b: a larger value, or equal and later."""
     return values[group[a]] > values[group[b]] or (values[group[a]] == values[group[b]] and a > b)
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _sift_down(values, group, heap, size):
     """Restore the max-heap ``heap[:size]`` after its root changed."""
     parent = 0
@@ -687,7 +676,7 @@ def _value_typed(value, half):
     return lambda value, half: value
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _mixed(level, half, r0, r1, c0, c1, a0, a1, b0, b1, c):
     """Channel c of a pixel mixed from four taps, across then down in float32 (``F.interpolate``'s order)."""
     top = b0 * _value(level[r0, c0, c], half) + b1 * _value(level[r0, c1, c], half)
@@ -695,7 +684,7 @@ def _mixed(level, half, r0, r1, c0, c1, a0, a1, b0, b1, c):
     return a0 * top + a1 * bottom
 
 
-@_compiled(parallel=True, **_FLAGS)
+@compiled(parallel=True, **_FLAGS)
 def _add_level_distances(queries, column, query_ids, pixels, width, level, half, interpolate, first_y, second_y,
                          weight_first_y, weight_second_y, first_x, second_x, weight_first_x, weight_second_x, out):
     channels = level.shape[2]
@@ -716,7 +705,7 @@ def _add_level_distances(queries, column, query_ids, pixels, width, level, half,
         out[m] += total
 
 
-@_compiled(parallel=True, **_FLAGS)
+@compiled(parallel=True, **_FLAGS)
 def _centred_rows(level, half, center, interpolate, first_y, second_y, weight_first_y, weight_second_y, first_x,
                   second_x, weight_first_x, weight_second_x, width, column, out, norms):
     channels = level.shape[2]
@@ -738,7 +727,7 @@ def _centred_rows(level, half, center, interpolate, first_y, second_y, weight_fi
         norms[m] += total
 
 
-@_compiled(**_FLAGS)
+@compiled(**_FLAGS)
 def _row_norms(rows, columns):
     norms = np.zeros(rows.shape[0], np.float32)
     for m in range(rows.shape[0]):
@@ -747,14 +736,14 @@ def _row_norms(rows, columns):
     return norms
 
 
-@_compiled(**_FLAGS)
+@compiled(**_FLAGS)
 def _norm_columns(norms, split, column, out):
     for m in range(out.shape[0]):
         hi = _round_bfloat16(norms[m]) if split else norms[m]
         out[m, column], out[m, column + 1], out[m, column + 2], out[m, column + 3] = 1, 1, hi, norms[m] - hi
 
 
-@_compiled(inline="always", **_FLAGS)
+@compiled(inline="always", **_FLAGS)
 def _round_bfloat16(value):
     """A float32 rounded to the nearest bfloat16 (ties to even), as float32."""
     bits = _bits_from_float(value)
@@ -762,7 +751,7 @@ def _round_bfloat16(value):
                             & np.uint32(0xFFFF0000))
 
 
-@_compiled(parallel=True, **_FLAGS)
+@compiled(parallel=True, **_FLAGS)
 def _mix_spread(level, half, first_y, second_y, weight_first_y, weight_second_y, first_x, second_x, weight_first_x,
                 weight_second_x, width, out):
     h, w, channels = level.shape
@@ -794,7 +783,7 @@ def _mix_spread(level, half, first_y, second_y, weight_first_y, weight_second_y,
                   + a0 * a1 * b0 * b1 * (diagonal[r0, c0] + anti[r0, c0]))
 
 
-@_compiled(parallel=True, **_FLAGS)
+@compiled(parallel=True, **_FLAGS)
 def _mix_rows(source, first, second, weight_first, weight_second, out):
     for r in numba.prange(source.shape[0]):
         for i in range(out.shape[1]):
