@@ -14,25 +14,10 @@ from anomaly.imageio import load_image
 from anomaly.sources import InputItem
 
 from imagegen import png_bytes
+from resize_reference import reference_resize
 
 IDENTITY = BackboneIdentity("wide_resnet50_2", "test", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), image_size=96)
 SIZES = [(120, 100), (96, 96), (50, 70), (7, 9), (1, 1), (1, 300), (400, 5), (230, 225), (97, 300)]
-
-
-def filter_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) bilinear weights with half-pixel centres, stretched to the input spacing when shrinking
-    (antialiasing) and renormalised at the borders."""
-    scale = n_in / n_out
-    support = max(scale, 1.0)
-    centres = (np.arange(n_out)[:, None] + 0.5) * scale
-    weights = np.clip(1 - np.abs(np.arange(n_in)[None, :] + 0.5 - centres) / support, 0, None)
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
-def reference_resize(image: np.ndarray, side: int) -> np.ndarray:
-    """(side, side, 3) float64."""
-    rows, cols = filter_weights(image.shape[0], side), filter_weights(image.shape[1], side)
-    return np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols)
 
 
 def item(name: str, array: np.ndarray) -> InputItem:
