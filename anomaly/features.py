@@ -4,9 +4,9 @@ Each batch is decoded on as many threads as the backbone uses, then run through 
 rather than decoded on one thread beside it: the backbone's thread team waits at every
 layer for its slowest thread, so a decode thread taking a core stalls the whole team,
 and a single decode thread cannot keep up with more cores. Decode threads use only
-Pillow and numpy, which release the GIL and bring no thread pool of their own (torch
-would start one per thread). Unreadable inputs do not stop a batch: they come back as
-:class:`Loaded` entries with an ``error`` and no tensor.
+Pillow, numpy and a serial compiled loop (:mod:`anomaly.resample`), which release the GIL
+and bring no thread pool of their own (torch would start one per thread). Unreadable inputs
+do not stop a batch: they come back as :class:`Loaded` entries with an ``error`` and no tensor.
 """
 
 from __future__ import annotations

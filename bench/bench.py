@@ -16,6 +16,9 @@ Sections (``--section``, repeatable; default all but ``bank5000``):
                  out and reduced, against formed in registers by the reducing loop (AVX512-BF16).
 * ``accuracy``   pixel ROC AUC / PRO (and image ROC AUC) with float32 and with bfloat16 ranking
                  over the whole test set, and how far their maps differ.
+* ``prepare``    decoding and preparing one image (resize to the backbone's input, normalise, thumbnail)
+                 at 448, 1,024 and 2,448 px: the compiled resize against Pillow's, one float32
+                 channel at a time (what the library used before), and how far the two differ.
 * ``throughput`` bank building and image-level scoring in images/s against the backbone's bare
                  forward pass on the same batch.
 * ``memory``     bank bytes per normal image; peak resident memory while scoring 1, 4 and 16
@@ -30,6 +33,7 @@ processes share the machine; ratios within one run are the figures to trust.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import platform
 import sys
@@ -49,14 +53,16 @@ from anomaly.bank import PyramidSpill  # noqa: E402
 from anomaly.datasets import MVTecCategory, load_mvtec_category  # noqa: E402
 from anomaly.demo import make_demo_dataset  # noqa: E402
 from anomaly.evaluation import evaluate  # noqa: E402
-from anomaly.features import iter_batches, load, stack_pyramid  # noqa: E402
+from anomaly.features import THUMBNAIL_SIZE, iter_batches, load, prepare, stack_pyramid  # noqa: E402
+from anomaly.imageio import load_pixels, to_float  # noqa: E402
 from anomaly.threads import configure_threads  # noqa: E402
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 """torch's own kernels, oneDNN's and MKL's, limited to AVX2 (``--avx2``)."""
-SECTIONS = ("pixel", "bound", "accuracy", "throughput", "memory", "scaling", "bank5000")
+SECTIONS = ("pixel", "bound", "accuracy", "prepare", "throughput", "memory", "scaling", "bank5000")
 
 
 # ---- measuring ------------------------------------------------------------------------
@@ -363,6 +369,52 @@ def section_accuracy(args) -> None:
            "total s"], rows)
     print(f"max |map_bf16 - map_fp32| = {max(gaps):.4g} (largest map value {scale:.4g}); "
           f"images whose maps differ at all: {np.mean([g > 0 for g in gaps]):.1%}")
+
+
+def pillow_prepare(image: np.ndarray, side: int, mean: np.ndarray, std: np.ndarray, thumbnail: np.ndarray | None
+                   ) -> np.ndarray:
+    """The same preparation with Pillow, as the library did it before `anomaly.resample`: each channel
+    copied to float32, then resized (in double precision, the same filter) to the input and the thumbnail."""
+    resized = np.empty((3, side, side), np.float32)
+    for c in range(3):
+        plane = Image.fromarray(np.ascontiguousarray(to_float(image[..., c])))
+        resized[c] = np.asarray(plane.resize((side, side), Image.Resampling.BILINEAR))
+        if thumbnail is not None:
+            small = np.asarray(plane.resize(thumbnail.shape[1::-1], Image.Resampling.BILINEAR))
+            thumbnail[..., c] = np.clip(np.rint(small * 255.0), 0, 255)
+    return (resized - mean.reshape(3, 1, 1)) / std.reshape(3, 1, 1)
+
+
+def section_prepare(args) -> None:
+    identity = model(args).extractor.identity
+    source = Image.open(category(args).train[0].path).convert("RGB")
+    mean, std = np.asarray(identity.mean, np.float32), np.asarray(identity.std, np.float32)
+    rows = []
+    for side in (448, 1024, 2448):
+        encoded = {}
+        for form in ("PNG", "JPEG"):
+            stream = io.BytesIO()
+            source.resize((side, side), Image.Resampling.BICUBIC).save(stream, form, quality=95)
+            encoded[form] = stream.getvalue()
+        image, thumbnail = load_pixels(encoded["PNG"]), np.empty((THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)
+        best = best_times({
+            "PNG": lambda: load_pixels(encoded["PNG"]),
+            "JPEG": lambda: load_pixels(encoded["JPEG"]),
+            "pillow": lambda: pillow_prepare(image, identity.image_size, mean, std, None),
+            "pillow+thumbnail": lambda: pillow_prepare(image, identity.image_size, mean, std, thumbnail),
+            "compiled": lambda: prepare(image, identity),
+            "compiled+thumbnail": lambda: prepare(image, identity, thumbnail),
+        }, max(args.repeats, 5))
+        difference = np.abs(prepare(image, identity).numpy() - pillow_prepare(image, identity.image_size, mean, std, None))
+        rows.append([f"{side} x {side}", best["PNG"] * 1e3, best["JPEG"] * 1e3, best["pillow"] * 1e3, best["compiled"] * 1e3,
+                     f"{best['pillow'] / best['compiled']:.1f}x", best["pillow+thumbnail"] * 1e3,
+                     best["compiled+thumbnail"] * 1e3, f"{best['pillow+thumbnail'] / best['compiled+thumbnail']:.1f}x",
+                     f"{difference.max():.1e}"])
+    table(f"Preparing one image for {args.backbone} ({identity.image_size} px input, {THUMBNAIL_SIZE} px thumbnail), "
+          f"ms on one thread: {Path(category(args).train[0].path).name} enlarged (best of {max(args.repeats, 5)}, "
+          f"in turns)",
+          ["image", "decode PNG", "decode JPEG (quality 95)", "Pillow resize", "compiled", "faster", "Pillow + thumbnail", "compiled + thumbnail",
+           "faster", "max |difference|"], rows)
 
 
 def section_throughput(args) -> None:
