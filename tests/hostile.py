@@ -33,14 +33,24 @@ def noise_rgb(width: int = 32, height: int = 24, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def png_from_rows(width: int, height: int, bit_depth: int, color_type: int, raw: bytes) -> bytes:
-    """A PNG written by hand, so the header can claim anything (raw = filter-prefixed scanlines)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk, its checksum right."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
+
+def png_from_rows(width: int, height: int, bit_depth: int, color_type: int, raw: bytes,
+                  idat: bytes | None = None) -> bytes:
+    """A PNG written by hand, so the header can claim anything (raw = filter-prefixed scanlines;
+    ``idat``: the compressed data as it is, whatever it holds)."""
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(raw, 9) if idat is None else idat) + png_chunk(b"IEND", b""))
+
+
+def with_png_chunk(data: bytes, chunk: bytes) -> bytes:
+    """``data`` (a PNG) with ``chunk`` inserted just after its header chunk."""
+    at = 8 + 12 + struct.unpack_from(">I", data, 8)[0]
+    return data[:at] + chunk + data[at:]
 
 
 def png16_rgb(pixels8: np.ndarray) -> bytes:

@@ -1,7 +1,9 @@
 """load_image: faithful conversion of every container, and one-line errors for hostile input."""
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
-from PIL import Image
+from PIL import Image, ImageCms, PngImagePlugin
 
 import hostile
 from anomaly import imageio
@@ -191,6 +193,123 @@ def test_exif_orientation_is_applied() -> None:
 def test_first_frame_is_used() -> None:
     np.testing.assert_allclose(load_image(hostile.animated_gif()), np.broadcast_to([1.0, 0, 0], (6, 8, 3)))
     np.testing.assert_allclose(load_image(hostile.multipage_tiff()), np.broadcast_to([0, 1.0, 0], (6, 8, 3)))
+
+
+# --- plain PNGs, decoded by libpng ------------------------------------------------------------------
+
+def libpng_pixels(data: bytes) -> np.ndarray | None:
+    """What the libpng path makes of ``data``, or None where it leaves the file to Pillow."""
+    stream = io.BytesIO(data)
+    return imageio._plain_png(stream, stream.read(1024))
+
+
+def pillow_pixels(data: bytes, monkeypatch) -> np.ndarray:
+    with monkeypatch.context() as patch:
+        patch.setattr(imageio, "_plain_png", lambda stream, head: None)
+        return load_pixels(data)
+
+
+def png_with(image: Image.Image, **chunks: bytes) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for kind, payload in chunks.items():
+        info.add(kind.encode(), payload)
+    return hostile.encode(image, "PNG", pnginfo=info)
+
+
+def plain_pngs() -> dict[str, bytes]:
+    rgb, gray = Image.fromarray(hostile.noise_rgb(61, 47)), Image.fromarray(hostile.gray8())
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Software", "a camera")
+    text.add_text("Comment", "compressed " * 50, zip=True)
+    text.add_itxt("Title", "ünïcödé")
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return {
+        "rgb": hostile.encode(rgb, "PNG"),
+        "grey": hostile.encode(gray, "PNG"),
+        "large, many IDAT chunks": hostile.encode(Image.fromarray(hostile.noise_rgb(700, 500, seed=3)), "PNG"),
+        "text": hostile.encode(rgb, "PNG", pnginfo=text),
+        "colour management": hostile.encode(rgb, "PNG", icc_profile=srgb, dpi=(300, 300)),
+        "gamma, chromaticities, significant bits, background, time": png_with(
+            rgb, gAMA=struct.pack(">I", 45455), cHRM=struct.pack(">8I", *range(31270, 31278)), sBIT=bytes([5, 6, 5]),
+            bKGD=struct.pack(">3H", 1, 2, 3), tIME=struct.pack(">HBBBBB", 2026, 11, 30, 12, 0, 0)),
+        "sRGB intent, grey significant bits": png_with(gray, sRGB=b"\0", sBIT=b"\5"),
+    }
+
+
+@pytest.mark.parametrize("name", list(plain_pngs()))
+def test_plain_pngs_are_decoded_by_libpng_as_pillow_decodes_them(name: str, monkeypatch) -> None:
+    data = plain_pngs()[name]
+    pixels = libpng_pixels(data)
+    assert pixels is not None, "left to Pillow"
+    expected = pillow_pixels(data, monkeypatch)
+    assert pixels.dtype == expected.dtype == np.uint8 and pixels.shape == expected.shape
+    np.testing.assert_array_equal(pixels, expected)
+    np.testing.assert_array_equal(load_pixels(data), expected)
+
+
+def orientation_pngs() -> dict[str, bytes]:
+    """16 x 32 pictures that display 32 x 16 (EXIF orientation 6), however the PNG says so."""
+    image = Image.fromarray(hostile.noise_rgb(32, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    xmp = PngImagePlugin.PngInfo()
+    xmp.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf='
+                 '"http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff='
+                 '"http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    raw = PngImagePlugin.PngInfo()
+    raw.add_text("Raw profile type exif", "\nexif\n" + f"{len(exif.tobytes()) + 6:8d}\n"
+                 + (b"Exif\0\0" + exif.tobytes()).hex())
+    return {"eXIf": hostile.encode(image, "PNG", exif=exif), "XMP": hostile.encode(image, "PNG", pnginfo=xmp),
+            "raw profile": hostile.encode(image, "PNG", pnginfo=raw)}
+
+
+@pytest.mark.parametrize("name", list(orientation_pngs()))
+def test_pngs_with_an_orientation_are_left_to_pillow_which_applies_it(name: str) -> None:
+    data = orientation_pngs()[name]
+    assert libpng_pixels(data) is None
+    assert load_pixels(data).shape == (32, 16, 3)
+
+
+def unusual_pngs() -> dict[str, bytes]:
+    rgb = Image.fromarray(hostile.noise_rgb(12, 10))
+    plain = hostile.encode(rgb, "PNG")
+    text = hostile.png_chunk(b"tEXt", b"Comment\0hello")
+    return {
+        "transparent colour": hostile.encode(rgb, "PNG", transparency=(0, 0, 0)),
+        "16-bit": hostile.rgb_png16(), "palette": hostile.palette_png(), "alpha": hostile.rgba_opaque_png(),
+        "grey and alpha": hostile.la_png(),
+        "animated": hostile.encode(rgb, "PNG", save_all=True, append_images=[rgb.rotate(90)]),
+        "unknown chunk": hostile.with_png_chunk(plain, hostile.png_chunk(b"prVt", b"private")),
+        "wrong checksum on a text chunk": hostile.with_png_chunk(plain, text[:-1] + bytes([text[-1] ^ 1])),
+        "cut before its end": plain[:-12],
+        "too large": hostile.decompression_bomb_png(10_000, 10_000),
+    }
+
+
+@pytest.mark.parametrize("name", list(unusual_pngs()))
+def test_other_pngs_are_left_to_pillow(name: str, monkeypatch) -> None:
+    data = unusual_pngs()[name]
+    assert libpng_pixels(data) is None
+    try:
+        expected = pillow_pixels(data, monkeypatch)
+    except ImageLoadError as error:
+        assert load_error(data, "x.png") == f"x.png: {error.reason}"
+    else:
+        np.testing.assert_array_equal(load_pixels(data), expected)
+
+
+def test_data_libpng_refuses_gets_pillows_message() -> None:
+    data = hostile.png_from_rows(4, 3, 8, 2, b"", idat=b"not zlib data at all")
+    assert libpng_pixels(data) is None
+    assert load_error(data, "x.png") == "x.png: truncated or corrupt image data"
+
+
+def test_libpng_decodes_on_threads_side_by_side() -> None:
+    files = [hostile.encode(Image.fromarray(hostile.noise_rgb(200, 150, seed)), "PNG") for seed in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(load_pixels, files))
+    for data, pixels in zip(files, together):
+        np.testing.assert_array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 # --- property-based -------------------------------------------------------------------------------
