@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
-from PIL import Image, ImageCms, PngImagePlugin
+from PIL import Image, ImageCms, ImageFilter, PngImagePlugin
 
 import hostile
 from anomaly import imageio
@@ -310,6 +310,78 @@ def test_libpng_decodes_on_threads_side_by_side() -> None:
         together = list(pool.map(load_pixels, files))
     for data, pixels in zip(files, together):
         np.testing.assert_array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+# --- plain JPEGs, decoded by libjpeg-turbo ------------------------------------------------------------
+
+def libjpeg_pixels(data: bytes) -> np.ndarray | None:
+    """What the libjpeg path makes of ``data``, or None where it leaves the file to Pillow."""
+    stream = io.BytesIO(data)
+    with Image.open(stream) as image:
+        return imageio._plain_jpeg(image, stream)
+
+
+def without_fast_paths(data: bytes, monkeypatch) -> np.ndarray:
+    with monkeypatch.context() as patch:
+        patch.setattr(imageio, "_plain_jpeg", lambda image, stream: None)
+        return load_pixels(data)
+
+
+def smooth_picture(width: int = 157, height: int = 123) -> Image.Image:
+    return Image.fromarray(hostile.noise_rgb(width, height, seed=5)).filter(ImageFilter.SMOOTH_MORE)
+
+
+def plain_jpegs() -> dict[str, bytes]:
+    picture, upright = smooth_picture(), Image.Exif()
+    upright[0x0112] = 1
+    return {
+        "grey": hostile.encode(picture.convert("L"), "JPEG"),
+        "4:4:4": hostile.encode(picture, "JPEG", subsampling=0, quality=95),
+        "4:2:0": hostile.encode(picture, "JPEG", subsampling=2, quality=75),
+        "progressive, optimised": hostile.encode(picture, "JPEG", progressive=True, optimize=True),
+        "restart markers": hostile.encode(picture, "JPEG", restart_marker_blocks=3),
+        "EXIF, upright": hostile.encode(picture, "JPEG", exif=upright),
+    }
+
+
+@pytest.mark.parametrize("name", list(plain_jpegs()))
+def test_plain_jpegs_are_decoded_by_libjpeg_as_pillow_decodes_them(name: str, monkeypatch) -> None:
+    data = plain_jpegs()[name]
+    pixels = libjpeg_pixels(data)
+    assert pixels is not None, "left to Pillow"
+    expected = without_fast_paths(data, monkeypatch)
+    assert pixels.dtype == expected.dtype == np.uint8 and pixels.shape == expected.shape
+    np.testing.assert_array_equal(pixels, expected)
+    np.testing.assert_array_equal(load_pixels(data), expected)
+
+
+def unusual_jpegs() -> dict[str, bytes]:
+    picture, turned = smooth_picture(32, 16), Image.Exif()
+    turned[0x0112] = 6
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    plain = hostile.encode(picture, "JPEG")
+    return {
+        "EXIF orientation": hostile.encode(picture, "JPEG", exif=turned),
+        "XMP orientation": hostile.encode(picture, "JPEG", xmp=xmp.encode()),
+        "CMYK": hostile.cmyk_jpeg(),
+        "data after its end": plain + b"trailing bytes",
+        "cut short in its pixel data": hostile.encode(smooth_picture(), "JPEG")[:-200],
+    }
+
+
+@pytest.mark.parametrize("name", list(unusual_jpegs()))
+def test_other_jpegs_are_left_to_pillow(name: str, monkeypatch) -> None:
+    data = unusual_jpegs()[name]
+    assert libjpeg_pixels(data) is None
+    try:
+        expected = without_fast_paths(data, monkeypatch)
+    except ImageLoadError as error:
+        assert load_error(data, "x.jpg") == f"x.jpg: {error.reason}"
+    else:
+        np.testing.assert_array_equal(load_pixels(data), expected)
+        if "orientation" in name:
+            assert expected.shape == (32, 16, 3)
 
 
 # --- property-based -------------------------------------------------------------------------------
