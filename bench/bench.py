@@ -17,8 +17,9 @@ Sections (``--section``, repeatable; default all but ``bank5000``):
 * ``accuracy``   pixel ROC AUC / PRO (and image ROC AUC) with float32 and with bfloat16 ranking
                  over the whole test set, and how far their maps differ.
 * ``prepare``    decoding and preparing one image (resize to the backbone's input, normalise, thumbnail)
-                 at 448, 1,024 and 2,448 px: the compiled resize against Pillow's, one float32
-                 channel at a time (what the library used before), and how far the two differ.
+                 at 448, 1,024 and 2,448 px, against Pillow alone (what the library used before):
+                 decoding PNG and JPEG through imagecodecs, and the compiled resize, with how far
+                 their results differ.
 * ``throughput`` bank building and image-level scoring in images/s against the backbone's bare
                  forward pass on the same batch.
 * ``memory``     bank bytes per normal image; peak resident memory while scoring 1, 4 and 16
@@ -58,7 +59,7 @@ from anomaly.imageio import load_pixels, to_float  # noqa: E402
 from anomaly.threads import configure_threads  # noqa: E402
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 """torch's own kernels, oneDNN's and MKL's, limited to AVX2 (``--avx2``)."""
@@ -385,11 +386,18 @@ def pillow_prepare(image: np.ndarray, side: int, mean: np.ndarray, std: np.ndarr
     return (resized - mean.reshape(3, 1, 1)) / std.reshape(3, 1, 1)
 
 
+def pillow_decode(data: bytes) -> np.ndarray:
+    """An RGB or grey file as Pillow alone decoded it for the library before imagecodecs."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
 def section_prepare(args) -> None:
     identity = model(args).extractor.identity
-    source = Image.open(category(args).train[0].path).convert("RGB")
+    path = category(args).train[0].path
+    source = Image.open(path).convert("RGB")
     mean, std = np.asarray(identity.mean, np.float32), np.asarray(identity.std, np.float32)
-    rows = []
+    repeats = max(args.repeats, 5)
+    decoding, resizing = [], []
     for side in (448, 1024, 2448):
         encoded = {}
         for form in ("PNG", "JPEG"):
@@ -398,23 +406,28 @@ def section_prepare(args) -> None:
             encoded[form] = stream.getvalue()
         image, thumbnail = load_pixels(encoded["PNG"]), np.empty((THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)
         best = best_times({
-            "PNG": lambda: load_pixels(encoded["PNG"]),
-            "JPEG": lambda: load_pixels(encoded["JPEG"]),
-            "pillow": lambda: pillow_prepare(image, identity.image_size, mean, std, None),
-            "pillow+thumbnail": lambda: pillow_prepare(image, identity.image_size, mean, std, thumbnail),
+            **{f"{form} library": lambda form=form: load_pixels(encoded[form]) for form in encoded},
+            **{f"{form} Pillow": lambda form=form: pillow_decode(encoded[form]) for form in encoded},
+            "Pillow": lambda: pillow_prepare(image, identity.image_size, mean, std, None),
+            "Pillow+thumbnail": lambda: pillow_prepare(image, identity.image_size, mean, std, thumbnail),
             "compiled": lambda: prepare(image, identity),
             "compiled+thumbnail": lambda: prepare(image, identity, thumbnail),
-        }, max(args.repeats, 5))
+        }, repeats)
+        same = all(np.array_equal(load_pixels(data), pillow_decode(data)) for data in encoded.values())
+        decoding.append([f"{side} x {side}"] + [cell for form in encoded for cell in (
+            best[f"{form} library"] * 1e3, best[f"{form} Pillow"] * 1e3,
+            f"{best[f'{form} Pillow'] / best[f'{form} library']:.2f}x")] + ["yes" if same else "NO"])
         difference = np.abs(prepare(image, identity).numpy() - pillow_prepare(image, identity.image_size, mean, std, None))
-        rows.append([f"{side} x {side}", best["PNG"] * 1e3, best["JPEG"] * 1e3, best["pillow"] * 1e3, best["compiled"] * 1e3,
-                     f"{best['pillow'] / best['compiled']:.1f}x", best["pillow+thumbnail"] * 1e3,
-                     best["compiled+thumbnail"] * 1e3, f"{best['pillow+thumbnail'] / best['compiled+thumbnail']:.1f}x",
-                     f"{difference.max():.1e}"])
-    table(f"Preparing one image for {args.backbone} ({identity.image_size} px input, {THUMBNAIL_SIZE} px thumbnail), "
-          f"ms on one thread: {Path(category(args).train[0].path).name} enlarged (best of {max(args.repeats, 5)}, "
-          f"in turns)",
-          ["image", "decode PNG", "decode JPEG (quality 95)", "Pillow resize", "compiled", "faster", "Pillow + thumbnail", "compiled + thumbnail",
-           "faster", "max |difference|"], rows)
+        resizing.append([f"{side} x {side}"] + [cell for kind in ("", "+thumbnail") for cell in (
+            best[f"compiled{kind}"] * 1e3, best[f"Pillow{kind}"] * 1e3,
+            f"{best[f'Pillow{kind}'] / best[f'compiled{kind}']:.1f}x")] + [f"{difference.max():.1e}"])
+    where = f"{Path(path).name} and it enlarged, ms on one thread (best of {repeats}, in turns)"
+    table(f"Decoding one image: the library (imagecodecs for plain PNGs and JPEGs) against Pillow alone; {where}",
+          ["image", "PNG", "PNG, Pillow", "faster", "JPEG (quality 95)", "JPEG, Pillow", "faster", "same pixels"],
+          decoding)
+    table(f"Preparing one image for {args.backbone} ({identity.image_size} px input, {THUMBNAIL_SIZE} px thumbnail): "
+          f"anomaly.resample against Pillow's resize of one float32 channel at a time; {where}",
+          ["image", "compiled", "Pillow", "faster", "with thumbnail", "Pillow", "faster", "max |difference|"], resizing)
 
 
 def section_throughput(args) -> None:
