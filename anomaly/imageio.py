@@ -6,8 +6,8 @@ and hostile input (bombs, truncated or non-image files) must end as an `ImageLoa
 never as a traceback.
 
 Pillow reads every file, except the most common kinds, decoded through imagecodecs into the array
-Pillow would make, a quarter to a third faster (a tenth for small grey JPEGs) and without holding the
-GIL (so decode threads do not queue for it):
+Pillow would make, 1.1-1.5x as fast (larger files gain more; ``python bench/bench.py --section prepare``)
+and without holding the GIL, so decode threads do not queue for it:
 
 * an 8-bit grey or RGB PNG, not interlaced, with nothing in it that Pillow would apply (transparency,
   an orientation, animation) and nothing unusual (every chunk one Pillow keeps aside, every checksum
