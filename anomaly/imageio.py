@@ -24,8 +24,8 @@ import io
 import re
 import struct
 import threading
-import zlib
 import warnings
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 

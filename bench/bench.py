@@ -417,7 +417,8 @@ def section_prepare(args) -> None:
         decoding.append([f"{side} x {side}"] + [cell for form in encoded for cell in (
             best[f"{form} library"] * 1e3, best[f"{form} Pillow"] * 1e3,
             f"{best[f'{form} Pillow'] / best[f'{form} library']:.2f}x")] + ["yes" if same else "NO"])
-        difference = np.abs(prepare(image, identity).numpy() - pillow_prepare(image, identity.image_size, mean, std, None))
+        reference = pillow_prepare(image, identity.image_size, mean, std, None)
+        difference = np.abs(prepare(image, identity).numpy() - reference)
         resizing.append([f"{side} x {side}"] + [cell for kind in ("", "+thumbnail") for cell in (
             best[f"compiled{kind}"] * 1e3, best[f"Pillow{kind}"] * 1e3,
             f"{best[f'Pillow{kind}'] / best[f'compiled{kind}']:.1f}x")] + [f"{difference.max():.1e}"])

@@ -5,6 +5,7 @@ import io
 import pickle
 import struct
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -195,7 +196,7 @@ def test_first_frame_is_used() -> None:
     np.testing.assert_allclose(load_image(hostile.multipage_tiff()), np.broadcast_to([0, 1.0, 0], (6, 8, 3)))
 
 
-# --- plain PNGs, decoded by libpng ------------------------------------------------------------------
+# --- plain PNGs and JPEGs, decoded through imagecodecs -------------------------------------------------
 
 def libpng_pixels(data: bytes) -> np.ndarray | None:
     """What the libpng path makes of ``data``, or None where it leaves the file to Pillow."""
@@ -203,9 +204,17 @@ def libpng_pixels(data: bytes) -> np.ndarray | None:
     return imageio._plain_png(stream, stream.read(1024))
 
 
-def pillow_pixels(data: bytes, monkeypatch) -> np.ndarray:
+def libjpeg_pixels(data: bytes) -> np.ndarray | None:
+    """What the libjpeg path makes of ``data``, or None where it leaves the file to Pillow."""
+    stream = io.BytesIO(data)
+    with Image.open(stream) as image:
+        return imageio._plain_jpeg(image, stream)
+
+
+def pillow_only(data: bytes, monkeypatch) -> np.ndarray:
     with monkeypatch.context() as patch:
         patch.setattr(imageio, "_plain_png", lambda stream, head: None)
+        patch.setattr(imageio, "_plain_jpeg", lambda image, stream: None)
         return load_pixels(data)
 
 
@@ -216,14 +225,28 @@ def png_with(image: Image.Image, **chunks: bytes) -> bytes:
     return hostile.encode(image, "PNG", pnginfo=info)
 
 
-def plain_pngs() -> dict[str, bytes]:
-    rgb, gray = Image.fromarray(hostile.noise_rgb(61, 47)), Image.fromarray(hostile.gray8())
+def smooth_picture(width: int = 157, height: int = 123) -> Image.Image:
+    return Image.fromarray(hostile.noise_rgb(width, height, seed=5)).filter(ImageFilter.SMOOTH_MORE)
+
+
+XMP_TURNED = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+              '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+
+
+def exif_orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
+
+
+def plain_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]]]:
+    rgb, gray, picture = Image.fromarray(hostile.noise_rgb(61, 47)), Image.fromarray(hostile.gray8()), smooth_picture()
     text = PngImagePlugin.PngInfo()
     text.add_text("Software", "a camera")
     text.add_text("Comment", "compressed " * 50, zip=True)
     text.add_itxt("Title", "ünïcödé")
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    return {
+    pngs = {
         "rgb": hostile.encode(rgb, "PNG"),
         "grey": hostile.encode(gray, "PNG"),
         "large, many IDAT chunks": hostile.encode(Image.fromarray(hostile.noise_rgb(700, 500, seed=3)), "PNG"),
@@ -234,47 +257,44 @@ def plain_pngs() -> dict[str, bytes]:
             bKGD=struct.pack(">3H", 1, 2, 3), tIME=struct.pack(">HBBBBB", 2026, 11, 30, 12, 0, 0)),
         "sRGB intent, grey significant bits": png_with(gray, sRGB=b"\0", sBIT=b"\5"),
     }
+    jpegs = {
+        "grey": hostile.encode(picture.convert("L"), "JPEG"),
+        "4:4:4": hostile.encode(picture, "JPEG", subsampling=0, quality=95),
+        "4:2:0": hostile.encode(picture, "JPEG", subsampling=2, quality=75),
+        "progressive, optimised": hostile.encode(picture, "JPEG", progressive=True, optimize=True),
+        "restart markers": hostile.encode(picture, "JPEG", restart_marker_blocks=3),
+        "EXIF, upright": hostile.encode(picture, "JPEG", exif=exif_orientation(1)),
+    }
+    return {**{f"PNG, {name}": (data, libpng_pixels) for name, data in pngs.items()},
+            **{f"JPEG, {name}": (data, libjpeg_pixels) for name, data in jpegs.items()}}
 
 
-@pytest.mark.parametrize("name", list(plain_pngs()))
-def test_plain_pngs_are_decoded_by_libpng_as_pillow_decodes_them(name: str, monkeypatch) -> None:
-    data = plain_pngs()[name]
-    pixels = libpng_pixels(data)
+@pytest.mark.parametrize("name", list(plain_files()))
+def test_plain_files_are_decoded_through_imagecodecs_as_pillow_decodes_them(name: str, monkeypatch) -> None:
+    data, fast = plain_files()[name]
+    pixels = fast(data)
     assert pixels is not None, "left to Pillow"
-    expected = pillow_pixels(data, monkeypatch)
+    expected = pillow_only(data, monkeypatch)
     assert pixels.dtype == expected.dtype == np.uint8 and pixels.shape == expected.shape
     np.testing.assert_array_equal(pixels, expected)
     np.testing.assert_array_equal(load_pixels(data), expected)
 
 
-def orientation_pngs() -> dict[str, bytes]:
-    """16 x 32 pictures that display 32 x 16 (EXIF orientation 6), however the PNG says so."""
-    image = Image.fromarray(hostile.noise_rgb(32, 16))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    xmp = PngImagePlugin.PngInfo()
-    xmp.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf='
-                 '"http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff='
-                 '"http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+def other_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]]]:
+    """Files Pillow reads differently (an orientation: 16 x 32 pictures that display 32 x 16), or that
+    are unusual or damaged."""
+    rgb, upright = Image.fromarray(hostile.noise_rgb(12, 10)), Image.fromarray(hostile.noise_rgb(32, 16))
     raw = PngImagePlugin.PngInfo()
-    raw.add_text("Raw profile type exif", "\nexif\n" + f"{len(exif.tobytes()) + 6:8d}\n"
-                 + (b"Exif\0\0" + exif.tobytes()).hex())
-    return {"eXIf": hostile.encode(image, "PNG", exif=exif), "XMP": hostile.encode(image, "PNG", pnginfo=xmp),
-            "raw profile": hostile.encode(image, "PNG", pnginfo=raw)}
-
-
-@pytest.mark.parametrize("name", list(orientation_pngs()))
-def test_pngs_with_an_orientation_are_left_to_pillow_which_applies_it(name: str) -> None:
-    data = orientation_pngs()[name]
-    assert libpng_pixels(data) is None
-    assert load_pixels(data).shape == (32, 16, 3)
-
-
-def unusual_pngs() -> dict[str, bytes]:
-    rgb = Image.fromarray(hostile.noise_rgb(12, 10))
+    exif = exif_orientation(6).tobytes()
+    raw.add_text("Raw profile type exif", f"\nexif\n{len(exif) + 6:8d}\n" + (b"Exif\0\0" + exif).hex())
+    xmp = PngImagePlugin.PngInfo()
+    xmp.add_itxt("XML:com.adobe.xmp", XMP_TURNED)
     plain = hostile.encode(rgb, "PNG")
     text = hostile.png_chunk(b"tEXt", b"Comment\0hello")
-    return {
+    pngs = {
+        "orientation in eXIf": hostile.encode(upright, "PNG", exif=exif_orientation(6)),
+        "orientation in XMP": hostile.encode(upright, "PNG", pnginfo=xmp),
+        "orientation in a raw profile": hostile.encode(upright, "PNG", pnginfo=raw),
         "transparent colour": hostile.encode(rgb, "PNG", transparency=(0, 0, 0)),
         "16-bit": hostile.rgb_png16(), "palette": hostile.palette_png(), "alpha": hostile.rgba_opaque_png(),
         "grey and alpha": hostile.la_png(),
@@ -283,105 +303,46 @@ def unusual_pngs() -> dict[str, bytes]:
         "wrong checksum on a text chunk": hostile.with_png_chunk(plain, text[:-1] + bytes([text[-1] ^ 1])),
         "cut before its end": plain[:-12],
         "too large": hostile.decompression_bomb_png(10_000, 10_000),
+        "pixel data libpng refuses": hostile.png_from_rows(4, 3, 8, 2, b"", idat=b"not zlib data at all"),
     }
-
-
-@pytest.mark.parametrize("name", list(unusual_pngs()))
-def test_other_pngs_are_left_to_pillow(name: str, monkeypatch) -> None:
-    data = unusual_pngs()[name]
-    assert libpng_pixels(data) is None
-    try:
-        expected = pillow_pixels(data, monkeypatch)
-    except ImageLoadError as error:
-        assert load_error(data, "x.png") == f"x.png: {error.reason}"
-    else:
-        np.testing.assert_array_equal(load_pixels(data), expected)
-
-
-def test_data_libpng_refuses_gets_pillows_message() -> None:
-    data = hostile.png_from_rows(4, 3, 8, 2, b"", idat=b"not zlib data at all")
-    assert libpng_pixels(data) is None
-    assert load_error(data, "x.png") == "x.png: truncated or corrupt image data"
-
-
-def test_libpng_decodes_on_threads_side_by_side() -> None:
-    files = [hostile.encode(Image.fromarray(hostile.noise_rgb(200, 150, seed)), "PNG") for seed in range(8)]
-    with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(load_pixels, files))
-    for data, pixels in zip(files, together):
-        np.testing.assert_array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-
-
-# --- plain JPEGs, decoded by libjpeg-turbo ------------------------------------------------------------
-
-def libjpeg_pixels(data: bytes) -> np.ndarray | None:
-    """What the libjpeg path makes of ``data``, or None where it leaves the file to Pillow."""
-    stream = io.BytesIO(data)
-    with Image.open(stream) as image:
-        return imageio._plain_jpeg(image, stream)
-
-
-def without_fast_paths(data: bytes, monkeypatch) -> np.ndarray:
-    with monkeypatch.context() as patch:
-        patch.setattr(imageio, "_plain_jpeg", lambda image, stream: None)
-        return load_pixels(data)
-
-
-def smooth_picture(width: int = 157, height: int = 123) -> Image.Image:
-    return Image.fromarray(hostile.noise_rgb(width, height, seed=5)).filter(ImageFilter.SMOOTH_MORE)
-
-
-def plain_jpegs() -> dict[str, bytes]:
-    picture, upright = smooth_picture(), Image.Exif()
-    upright[0x0112] = 1
-    return {
-        "grey": hostile.encode(picture.convert("L"), "JPEG"),
-        "4:4:4": hostile.encode(picture, "JPEG", subsampling=0, quality=95),
-        "4:2:0": hostile.encode(picture, "JPEG", subsampling=2, quality=75),
-        "progressive, optimised": hostile.encode(picture, "JPEG", progressive=True, optimize=True),
-        "restart markers": hostile.encode(picture, "JPEG", restart_marker_blocks=3),
-        "EXIF, upright": hostile.encode(picture, "JPEG", exif=upright),
-    }
-
-
-@pytest.mark.parametrize("name", list(plain_jpegs()))
-def test_plain_jpegs_are_decoded_by_libjpeg_as_pillow_decodes_them(name: str, monkeypatch) -> None:
-    data = plain_jpegs()[name]
-    pixels = libjpeg_pixels(data)
-    assert pixels is not None, "left to Pillow"
-    expected = without_fast_paths(data, monkeypatch)
-    assert pixels.dtype == expected.dtype == np.uint8 and pixels.shape == expected.shape
-    np.testing.assert_array_equal(pixels, expected)
-    np.testing.assert_array_equal(load_pixels(data), expected)
-
-
-def unusual_jpegs() -> dict[str, bytes]:
-    picture, turned = smooth_picture(32, 16), Image.Exif()
-    turned[0x0112] = 6
-    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
-    plain = hostile.encode(picture, "JPEG")
-    return {
-        "EXIF orientation": hostile.encode(picture, "JPEG", exif=turned),
-        "XMP orientation": hostile.encode(picture, "JPEG", xmp=xmp.encode()),
+    upright = smooth_picture(32, 16)
+    jpegs = {
+        "orientation in EXIF": hostile.encode(upright, "JPEG", exif=exif_orientation(6)),
+        "orientation in XMP": hostile.encode(upright, "JPEG", xmp=XMP_TURNED.encode()),
         "CMYK": hostile.cmyk_jpeg(),
-        "data after its end": plain + b"trailing bytes",
+        "data after its end": hostile.encode(upright, "JPEG") + b"trailing bytes",
         "cut short in its pixel data": hostile.encode(smooth_picture(), "JPEG")[:-200],
     }
+    return {**{f"PNG, {name}": (data, libpng_pixels) for name, data in pngs.items()},
+            **{f"JPEG, {name}": (data, libjpeg_pixels) for name, data in jpegs.items()}}
 
 
-@pytest.mark.parametrize("name", list(unusual_jpegs()))
-def test_other_jpegs_are_left_to_pillow(name: str, monkeypatch) -> None:
-    data = unusual_jpegs()[name]
-    assert libjpeg_pixels(data) is None
+@pytest.mark.parametrize("name", list(other_files()))
+def test_other_files_are_left_to_pillow(name: str, monkeypatch) -> None:
+    data, fast = other_files()[name]
+    assert fast(data) is None
     try:
-        expected = without_fast_paths(data, monkeypatch)
+        expected = pillow_only(data, monkeypatch)
     except ImageLoadError as error:
-        assert load_error(data, "x.jpg") == f"x.jpg: {error.reason}"
+        assert load_error(data, "x") == f"x: {error.reason}"
     else:
         np.testing.assert_array_equal(load_pixels(data), expected)
         if "orientation" in name:
             assert expected.shape == (32, 16, 3)
+
+
+def test_data_libpng_refuses_gets_pillows_message() -> None:
+    data = other_files()["PNG, pixel data libpng refuses"][0]
+    assert load_error(data, "x.png") == "x.png: truncated or corrupt image data"
+
+
+def test_fast_decoders_work_on_threads_side_by_side() -> None:
+    files = [hostile.encode(Image.fromarray(hostile.noise_rgb(200, 150, seed)), form)
+             for seed in range(4) for form in ("PNG", "JPEG")]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(load_pixels, files))
+    for data, pixels in zip(files, together):
+        np.testing.assert_array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 # --- property-based -------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ def test_taps_hold_every_weight_of_the_filter(n_in, n_out):
     dense = np.zeros((n_out, n_in))
     for row, (start, taps) in enumerate(zip(first, weights)):
         dense[row, start : start + len(taps)] = taps
-    np.testing.assert_allclose(dense, filter_weights(n_in, n_out), rtol=0, atol=1e-12)  # rounding at a triangle's very end
+    # 1e-12: a weight rounded away where a triangle ends
+    np.testing.assert_allclose(dense, filter_weights(n_in, n_out), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape, size", [
