@@ -62,7 +62,7 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def prepare(image: np.ndarray, identity: BackboneIdentity, thumbnail: np.ndarray | None = None) -> torch.Tensor:
-    """A decoded RGB image (`load_pixels`: uint8, or float in [0, 1]) as the backbone's normalised
+    """A decoded RGB or grey image (`load_pixels`: uint8, or float in [0, 1]) as the backbone's normalised
     (3, S, S) input, with its thumbnail written into ``thumbnail`` ((T, T, 3) uint8) when one is given.
 
     The whole image is resized (no centre crop) so the anomaly map covers every pixel, with the filter
@@ -83,7 +83,7 @@ def load(item: InputItem, identity: BackboneIdentity, thumbnail: np.ndarray | No
     if item.error is not None:
         return Loaded(item, error=item.error)
     try:
-        image = load_pixels(item.read_bytes(), item.path)
+        image = load_pixels(item.read_bytes(), item.path, keep_grey=True)
     except ImageLoadError as exc:
         return Loaded(item, error=str(exc))
     except OSError as exc:

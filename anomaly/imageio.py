@@ -76,22 +76,28 @@ def load_image(source: bytes | str | Path, name: str | None = None) -> np.ndarra
     return to_float(load_pixels(source, name))
 
 
-def load_pixels(source: bytes | str | Path, name: str | None = None) -> np.ndarray:
+def load_pixels(source: bytes | str | Path, name: str | None = None, keep_grey: bool = False) -> np.ndarray:
     """`load_image` before its float conversion where the picture is 8-bit: uint8 RGB (H, W, 3), else the
     float32 array itself; ``to_float(load_pixels(x)) == load_image(x)`` exactly. A caller that resizes
-    anyway (the feature extractor) then converts the image in one pass, in the layout it needs."""
+    anyway (the feature extractor) then converts the image in one pass, in the layout it needs.
+
+    ``keep_grey``: a grey picture (8-bit, 16-bit or float, without alpha) comes back as its one (H, W)
+    channel, which `load_image` repeats three times: a caller that resizes it does a third of the work."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         name = "image" if name is None else name
-        return _load_stream(io.BytesIO(bytes(source)), name)
-    name = str(source) if name is None else name
-    try:
-        with open(source, "rb") as stream:
-            return _load_stream(stream, name)
-    except OSError as exc:
-        raise ImageLoadError(name, _os_reason(exc)) from None
+        pixels = _load_stream(io.BytesIO(bytes(source)), name)
+    else:
+        name = str(source) if name is None else name
+        try:
+            with open(source, "rb") as stream:
+                pixels = _load_stream(stream, name)
+        except OSError as exc:
+            raise ImageLoadError(name, _os_reason(exc)) from None
+    return pixels if keep_grey or pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
 
 
 def _load_stream(stream: BinaryIO, name: str) -> np.ndarray:
+    """The picture as `load_pixels` with ``keep_grey`` returns it."""
     head = stream.read(_SNIFF_BYTES)
     if not head:
         raise ImageLoadError(name, "empty file")
@@ -128,7 +134,7 @@ def _plain_png(stream: BinaryIO, head: bytes) -> np.ndarray | None:
         pixels = imagecodecs.png_decode(data)
     except Exception:  # libpng's refusal; Pillow reads the file again and says what is wrong with it
         return None
-    return _as_rgb(pixels, (width, height), grey=colour == 0)
+    return _checked(pixels, (width, height), grey=colour == 0)
 
 
 def _plain_jpeg(image: Image.Image, stream: BinaryIO) -> np.ndarray | None:
@@ -142,7 +148,7 @@ def _plain_jpeg(image: Image.Image, stream: BinaryIO) -> np.ndarray | None:
             stream.seek(0)
             data = stream.read()
             if data.endswith(b"\xff\xd9"):
-                pixels = _as_rgb(imagecodecs.jpeg8_decode(data), image.size, grey=image.mode == "L")
+                pixels = _checked(imagecodecs.jpeg8_decode(data), image.size, grey=image.mode == "L")
     except Exception:  # Pillow decodes it, or says what is wrong with it
         pixels = None
     if pixels is None:
@@ -150,13 +156,11 @@ def _plain_jpeg(image: Image.Image, stream: BinaryIO) -> np.ndarray | None:
     return pixels
 
 
-def _as_rgb(pixels: np.ndarray, size: tuple[int, int], grey: bool) -> np.ndarray | None:
-    """A decoded 8-bit array of the (width, height) the header said, as Pillow's RGB (grey repeated);
-    None for any other."""
+def _checked(pixels: np.ndarray, size: tuple[int, int], grey: bool) -> np.ndarray | None:
+    """A decoded array, if it is 8-bit, grey or RGB as the header said, of its (width, height); else None."""
     width, height = size
-    if pixels.dtype != np.uint8 or pixels.shape != ((height, width) if grey else (height, width, 3)):
-        return None
-    return np.repeat(pixels[..., None], 3, axis=2) if grey else pixels
+    expected = (height, width) if grey else (height, width, 3)
+    return pixels if pixels.dtype == np.uint8 and pixels.shape == expected else None
 
 
 def _chunks_are_plain(data: bytes) -> bool:
@@ -206,21 +210,22 @@ def _open_checked(stream: BinaryIO, name: str, head: bytes) -> Image.Image:
 
 
 def _to_pixels(image: Image.Image, name: str) -> np.ndarray:
+    """The decoded image as `load_pixels` with ``keep_grey`` returns it: (H, W, 3), or (H, W) if grey."""
     mode = image.mode
     # High-bit modes are read before the alpha branch: Pillow has no 16-bit/float alpha modes, so a rare
     # tRNS colour key on a 16-bit PNG is ignored rather than losing the extra precision.
     if mode in _SIXTEEN_BIT_MODES:
-        return _gray_to_rgb(np.asarray(image, dtype=np.float32) / np.float32(65535))
+        return np.asarray(image, dtype=np.float32) / np.float32(65535)
     if mode == "I":
         # 32-bit container: 16-bit content (non-negative, <= 65535) keeps the 16-bit scale so it matches
         # the same picture saved as I;16; anything wider is scaled by the int32 range, negatives clipped.
         values = np.asarray(image, dtype=np.int64)
         scale = 65535 if values.min() >= 0 and values.max() <= 65535 else _INT32_MAX
-        return _gray_to_rgb((np.clip(values, 0, None) / scale).astype(np.float32))
+        return (np.clip(values, 0, None) / scale).astype(np.float32)
     if mode == "F":
         # Float images carry no range metadata; [0, 1] is the only convention we can assume. NaN -> 0.
         values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        return _gray_to_rgb(np.clip(values, 0.0, 1.0))
+        return np.clip(values, 0.0, 1.0)
     if mode in _ALPHA_MODES or image.has_transparency_data:
         # Transparent pixels are composited on black (colour x alpha): the colour hidden under
         # transparency is arbitrary (editors leave garbage there) and must not reach the model.
@@ -228,7 +233,7 @@ def _to_pixels(image: Image.Image, name: str) -> np.ndarray:
         rgba = _convert(image.convert(_PREMULTIPLIED[mode]) if mode in _PREMULTIPLIED else image, "RGBA", name)
         values = np.asarray(rgba, dtype=np.float32) / np.float32(255)
         return np.ascontiguousarray(values[..., :3] * values[..., 3:])
-    return np.asarray(_convert(image, "RGB", name))
+    return np.asarray(image if mode == "L" else _convert(image, "RGB", name))
 
 
 def to_float(pixels: np.ndarray) -> np.ndarray:
@@ -245,10 +250,6 @@ def _convert(image: Image.Image, mode: str, name: str) -> Image.Image:
         return image.convert(mode)
     except ValueError:
         raise ImageLoadError(name, f"unsupported image mode {image.mode}") from None
-
-
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(gray.astype(np.float32)[..., None], 3, axis=2)
 
 
 def _not_an_image_reason(head: bytes) -> str:

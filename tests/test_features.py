@@ -49,6 +49,16 @@ def test_prepared_input_agrees_with_the_torch_resize(shape):
     torch.testing.assert_close(features.load(entry, IDENTITY).tensor, expected, atol=1e-4, rtol=0)
 
 
+def test_grey_images_are_prepared_as_their_rgb_copies_to_the_bit():
+    grey = np.random.default_rng(4).integers(0, 256, (70, 90), dtype=np.uint8)
+    thumbnails = np.zeros((2, features.THUMBNAIL_SIZE, features.THUMBNAIL_SIZE, 3), np.uint8)
+    as_grey = features.prepare(grey, IDENTITY, thumbnails[0])
+    as_rgb = features.prepare(np.repeat(grey[..., None], 3, axis=2), IDENTITY, thumbnails[1])
+    torch.testing.assert_close(as_grey, as_rgb, atol=0, rtol=0)
+    np.testing.assert_array_equal(thumbnails[0], thumbnails[1])
+    assert features.load(item("g.png", grey), IDENTITY).tensor.equal(as_grey)
+
+
 def test_sixteen_bit_images_keep_their_precision():
     gray = np.random.default_rng(2).integers(0, 65536, (40, 30), dtype=np.uint16)
     entry = item("g.png", gray)

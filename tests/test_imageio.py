@@ -196,6 +196,24 @@ def test_first_frame_is_used() -> None:
     np.testing.assert_allclose(load_image(hostile.multipage_tiff()), np.broadcast_to([0, 1.0, 0], (6, 8, 3)))
 
 
+# --- grey pictures kept grey ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data", [hostile.gray_png8(), hostile.gray_png16(), hostile.gray_float_tiff(),
+                                  hostile.encode(Image.fromarray(hostile.gray8()), "JPEG")],
+                         ids=["8-bit PNG", "16-bit PNG", "float TIFF", "JPEG"])
+def test_grey_pictures_can_come_back_as_their_one_channel(data: bytes) -> None:
+    grey, rgb = load_pixels(data, keep_grey=True), load_pixels(data)
+    assert grey.ndim == 2 and rgb.shape == (*grey.shape, 3) and grey.dtype == rgb.dtype
+    np.testing.assert_array_equal(rgb, np.repeat(grey[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize("data", [hostile.rgb_png(), hostile.la_png(), hostile.palette_png()],
+                         ids=["RGB", "grey and alpha, composited", "palette"])
+def test_other_pictures_stay_rgb_when_grey_is_kept(data: bytes) -> None:
+    np.testing.assert_array_equal(load_pixels(data, keep_grey=True), load_pixels(data))
+    assert load_pixels(data, keep_grey=True).ndim == 3
+
+
 # --- plain PNGs and JPEGs, decoded through imagecodecs -------------------------------------------------
 
 def libpng_pixels(data: bytes) -> np.ndarray | None:
@@ -211,11 +229,11 @@ def libjpeg_pixels(data: bytes) -> np.ndarray | None:
         return imageio._plain_jpeg(image, stream)
 
 
-def pillow_only(data: bytes, monkeypatch) -> np.ndarray:
+def pillow_only(data: bytes, monkeypatch, keep_grey: bool = False) -> np.ndarray:
     with monkeypatch.context() as patch:
         patch.setattr(imageio, "_plain_png", lambda stream, head: None)
         patch.setattr(imageio, "_plain_jpeg", lambda image, stream: None)
-        return load_pixels(data)
+        return load_pixels(data, keep_grey=keep_grey)
 
 
 def png_with(image: Image.Image, **chunks: bytes) -> bytes:
@@ -274,10 +292,11 @@ def test_plain_files_are_decoded_through_imagecodecs_as_pillow_decodes_them(name
     data, fast = plain_files()[name]
     pixels = fast(data)
     assert pixels is not None, "left to Pillow"
-    expected = pillow_only(data, monkeypatch)
+    expected = pillow_only(data, monkeypatch, keep_grey=True)
     assert pixels.dtype == expected.dtype == np.uint8 and pixels.shape == expected.shape
+    assert pixels.ndim == (2 if "grey" in name else 3)
     np.testing.assert_array_equal(pixels, expected)
-    np.testing.assert_array_equal(load_pixels(data), expected)
+    np.testing.assert_array_equal(load_pixels(data), pillow_only(data, monkeypatch))
 
 
 def other_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]]]:

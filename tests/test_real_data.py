@@ -72,4 +72,4 @@ def test_real_files_take_the_fast_decoders_and_get_pillows_pixels(folder, patter
     monkeypatch.setattr(imageio, "_plain_png", lambda stream, head: None)
     monkeypatch.setattr(imageio, "_plain_jpeg", lambda image, stream: None)
     for path, fast in decoded.items():
-        np.testing.assert_array_equal(fast, imageio.load_pixels(path), err_msg=str(path))
+        np.testing.assert_array_equal(fast, imageio.load_pixels(path, keep_grey=True), err_msg=str(path))

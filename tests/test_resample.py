@@ -48,6 +48,15 @@ def test_each_channel_is_scaled_and_offset_before_rounding():
     np.testing.assert_allclose(resize_rgb(image, (32, 48), scale, offset), expected, rtol=1.2e-7, atol=3e-7)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_a_grey_image_gives_its_rgb_copys_result_to_the_bit(dtype):
+    grey = np.random.default_rng(3).integers(0, 256, (77, 131)).astype(dtype)
+    scale, offset = np.array([0.017, 0.018, 0.019]), np.array([-2.1, -2.0, -1.8])
+    for size in [(32, 48), (224, 224), (300, 20)]:
+        np.testing.assert_array_equal(resize_rgb(grey, size, scale, offset),
+                                      resize_rgb(np.repeat(grey[..., None], 3, axis=2), size, scale, offset))
+
+
 def test_read_only_and_strided_images_read_as_their_values():
     image = np.random.default_rng(2).integers(0, 256, (80, 120, 3), dtype=np.uint8)
     view = image[::2, ::3]
@@ -66,8 +75,8 @@ def test_threads_resize_side_by_side_as_one_would():
         np.testing.assert_array_equal(got, resize_rgb(image, (56, 56)))
 
 
-@pytest.mark.parametrize("shape, size", [((10, 10), (4, 4)), ((10, 10, 4), (4, 4)), ((0, 10, 3), (4, 4)),
-                                         ((10, 10, 3), (0, 4))])
+@pytest.mark.parametrize("shape, size", [((10, 10, 2), (4, 4)), ((10, 10, 4), (4, 4)), ((0, 10, 3), (4, 4)),
+                                         ((10, 10, 3, 1), (4, 4)), ((10, 10, 3), (0, 4))])
 def test_what_is_not_an_rgb_image_or_a_size_is_refused(shape, size):
     with pytest.raises(ValueError, match="image|size"):
         resize_rgb(np.zeros(shape, np.uint8), size)
