@@ -19,7 +19,7 @@ Sections (``--section``, repeatable; default all but ``bank5000``):
 * ``prepare``    decoding and preparing one image (resize to the backbone's input, normalise, thumbnail)
                  at 448, 1,024 and 2,448 px, against Pillow alone (what the library used before):
                  decoding PNG and JPEG through imagecodecs, and the compiled resize, with how far
-                 their results differ.
+                 their results differ; a grey JPEG kept grey against repeated into RGB.
 * ``throughput`` bank building and image-level scoring in images/s against the backbone's bare
                  forward pass on the same batch.
 * ``memory``     bank bytes per normal image; peak resident memory while scoring 1, 4 and 16
@@ -422,6 +422,16 @@ def section_prepare(args) -> None:
         resizing.append([f"{side} x {side}"] + [cell for kind in ("", "+thumbnail") for cell in (
             best[f"compiled{kind}"] * 1e3, best[f"Pillow{kind}"] * 1e3,
             f"{best[f'Pillow{kind}'] / best[f'compiled{kind}']:.1f}x")] + [f"{difference.max():.1e}"])
+    grey = []
+    for side in (448, 2448):
+        stream = io.BytesIO()
+        source.convert("L").resize((side, side), Image.Resampling.BICUBIC).save(stream, "JPEG", quality=95)
+        data = stream.getvalue()
+        best = best_times({"grey": lambda: prepare(load_pixels(data, keep_grey=True), identity),
+                           "rgb": lambda: prepare(load_pixels(data), identity)}, repeats)
+        same = torch.equal(prepare(load_pixels(data, keep_grey=True), identity), prepare(load_pixels(data), identity))
+        grey.append([f"{side} x {side}", best["grey"] * 1e3, best["rgb"] * 1e3, f"{best['rgb'] / best['grey']:.1f}x",
+                     "yes" if same else "NO"])
     where = f"{Path(path).name} and it enlarged, ms on one thread (best of {repeats}, in turns)"
     table(f"Decoding one image: the library (imagecodecs for plain PNGs and JPEGs) against Pillow alone; {where}",
           ["image", "PNG", "PNG, Pillow", "faster", "JPEG (quality 95)", "JPEG, Pillow", "faster", "same pixels"],
@@ -429,6 +439,8 @@ def section_prepare(args) -> None:
     table(f"Preparing one image for {args.backbone} ({identity.image_size} px input, {THUMBNAIL_SIZE} px thumbnail): "
           f"anomaly.resample against Pillow's resize of one float32 channel at a time; {where}",
           ["image", "compiled", "Pillow", "faster", "with thumbnail", "Pillow", "faster", "max |difference|"], resizing)
+    table(f"A grey JPEG decoded and prepared, kept grey (the library) against repeated into RGB first; {where}",
+          ["image", "kept grey", "as RGB", "faster", "same input"], grey)
 
 
 def section_throughput(args) -> None:
