@@ -279,7 +279,7 @@ def plain_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]
         "grey": hostile.encode(picture.convert("L"), "JPEG"),
         "4:4:4": hostile.encode(picture, "JPEG", subsampling=0, quality=95),
         "4:2:0": hostile.encode(picture, "JPEG", subsampling=2, quality=75),
-        "progressive, optimised": hostile.encode(picture, "JPEG", progressive=True, optimize=True),
+        "optimised": hostile.encode(picture, "JPEG", optimize=True),
         "restart markers": hostile.encode(picture, "JPEG", restart_marker_blocks=3),
         "EXIF, upright": hostile.encode(picture, "JPEG", exif=exif_orientation(1)),
     }
@@ -329,6 +329,7 @@ def other_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]
         "orientation in EXIF": hostile.encode(upright, "JPEG", exif=exif_orientation(6)),
         "orientation in XMP": hostile.encode(upright, "JPEG", xmp=XMP_TURNED.encode()),
         "CMYK": hostile.cmyk_jpeg(),
+        "progressive": hostile.encode(upright, "JPEG", progressive=True),
         "data after its end": hostile.encode(upright, "JPEG") + b"trailing bytes",
         "cut short in its pixel data": hostile.encode(smooth_picture(), "JPEG")[:-200],
     }
@@ -366,11 +367,17 @@ def test_fast_decoders_work_on_threads_side_by_side() -> None:
 
 # --- property-based -------------------------------------------------------------------------------
 
-def _mutations() -> st.SearchStrategy[bytes]:
+PLAIN_SEEDS = [hostile.rgb_png(), hostile.gray_png8(), hostile.encode(Image.fromarray(hostile.noise_rgb()), "JPEG"),
+               hostile.encode(Image.fromarray(hostile.gray8()), "JPEG"),
+               hostile.encode(Image.fromarray(hostile.gray8()), "JPEG", progressive=True)]  # left to Pillow
+
+
+def _mutations(seeds: list[bytes] | None = None) -> st.SearchStrategy[bytes]:
     """Valid files with bytes flipped, cut or appended: far likelier than noise to reach decoders."""
-    seeds = [hostile.rgb_png(), hostile.gray_png16(), hostile.animated_gif(), hostile.multipage_tiff(),
-             hostile.cmyk_jpeg(), hostile.exif_rotated_jpeg(), hostile.encode(Image.new("RGB", (4, 4)), "BMP"),
-             hostile.encode(Image.new("RGB", (4, 4)), "WEBP")]
+    seeds = seeds or PLAIN_SEEDS + [
+        hostile.gray_png16(), hostile.animated_gif(), hostile.multipage_tiff(), hostile.cmyk_jpeg(),
+        hostile.exif_rotated_jpeg(), hostile.encode(Image.new("RGB", (4, 4)), "BMP"),
+        hostile.encode(Image.new("RGB", (4, 4)), "WEBP")]
 
     @st.composite
     def mutate(draw) -> bytes:
@@ -395,6 +402,24 @@ def test_arbitrary_bytes_only_raise_image_load_error(data: bytes, name: str) -> 
         assert message.startswith(imageio.printable(name) + ": ")
     else:
         assert_valid_array(array)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=150, deadline=None)
+@given(data=_mutations(PLAIN_SEEDS))
+def test_damaged_plain_files_give_what_pillow_alone_gives(data: bytes) -> None:
+    """The fast decoders accept and refuse exactly what Pillow does, with the same pixels or message."""
+    def outcome(load: Callable[[], np.ndarray]) -> np.ndarray | str:
+        try:
+            return load()
+        except ImageLoadError as error:
+            return error.reason
+
+    fast, alone = outcome(lambda: load_pixels(data)), outcome(lambda: pillow_only(data, pytest.MonkeyPatch))
+    if isinstance(alone, str):
+        assert fast == alone
+    else:
+        np.testing.assert_array_equal(fast, alone)
 
 
 @settings(max_examples=60, deadline=None)
