@@ -175,9 +175,9 @@ def _chunks_are_plain(data: bytes) -> bool:
             return False
         if zlib.crc32(view[at + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
             return False
-        keyword = bytes(view[at + 8 : min(end, at + 88)]).split(b"\0", 1)[0]  # text: at most 79 bytes, then 0
-        if kind in (b"tEXt", b"zTXt", b"iTXt") and keyword in _ORIENTATION_KEYWORDS:
-            return False
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):  # a keyword of at most 79 bytes, then 0
+            if bytes(view[at + 8 : min(end, at + 88)]).split(b"\0", 1)[0] in _ORIENTATION_KEYWORDS:
+                return False
         if kind == b"IEND":
             return True
         at = end + 4
