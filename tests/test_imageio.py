@@ -15,6 +15,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image, ImageCms, ImageFilter, PngImagePlugin
 
 import hostile
+from decode_paths import libjpeg_pixels, libpng_pixels, pillow_only
 from anomaly import imageio
 from anomaly.imageio import MAX_PIXELS, ImageLoadError, load_image, load_pixels, to_float
 
@@ -216,26 +217,6 @@ def test_other_pictures_stay_rgb_when_grey_is_kept(data: bytes) -> None:
 
 # --- plain PNGs and JPEGs, decoded through imagecodecs -------------------------------------------------
 
-def libpng_pixels(data: bytes) -> np.ndarray | None:
-    """What the libpng path makes of ``data``, or None where it leaves the file to Pillow."""
-    stream = io.BytesIO(data)
-    return imageio._plain_png(stream, stream.read(1024))
-
-
-def libjpeg_pixels(data: bytes) -> np.ndarray | None:
-    """What the libjpeg path makes of ``data``, or None where it leaves the file to Pillow."""
-    stream = io.BytesIO(data)
-    with Image.open(stream) as image:
-        return imageio._plain_jpeg(image, stream)
-
-
-def pillow_only(data: bytes, monkeypatch, keep_grey: bool = False) -> np.ndarray:
-    with monkeypatch.context() as patch:
-        patch.setattr(imageio, "_plain_png", lambda stream, head: None)
-        patch.setattr(imageio, "_plain_jpeg", lambda image, stream: None)
-        return load_pixels(data, keep_grey=keep_grey)
-
-
 def png_with(image: Image.Image, **chunks: bytes) -> bytes:
     info = PngImagePlugin.PngInfo()
     for kind, payload in chunks.items():
@@ -288,15 +269,15 @@ def plain_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]
 
 
 @pytest.mark.parametrize("name", list(plain_files()))
-def test_plain_files_are_decoded_through_imagecodecs_as_pillow_decodes_them(name: str, monkeypatch) -> None:
+def test_plain_files_are_decoded_through_imagecodecs_as_pillow_decodes_them(name: str) -> None:
     data, fast = plain_files()[name]
     pixels = fast(data)
     assert pixels is not None, "left to Pillow"
-    expected = pillow_only(data, monkeypatch, keep_grey=True)
+    expected = pillow_only(data, keep_grey=True)
     assert pixels.dtype == expected.dtype == np.uint8 and pixels.shape == expected.shape
     assert pixels.ndim == (2 if "grey" in name else 3)
     np.testing.assert_array_equal(pixels, expected)
-    np.testing.assert_array_equal(load_pixels(data), pillow_only(data, monkeypatch))
+    np.testing.assert_array_equal(load_pixels(data), pillow_only(data))
 
 
 def other_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]]]:
@@ -338,11 +319,11 @@ def other_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]
 
 
 @pytest.mark.parametrize("name", list(other_files()))
-def test_other_files_are_left_to_pillow(name: str, monkeypatch) -> None:
+def test_other_files_are_left_to_pillow(name: str) -> None:
     data, fast = other_files()[name]
     assert fast(data) is None
     try:
-        expected = pillow_only(data, monkeypatch)
+        expected = pillow_only(data)
     except ImageLoadError as error:
         assert load_error(data, "x") == f"x: {error.reason}"
     else:
@@ -415,7 +396,7 @@ def test_damaged_plain_files_give_what_pillow_alone_gives(data: bytes) -> None:
         except ImageLoadError as error:
             return error.reason
 
-    fast, alone = outcome(lambda: load_pixels(data)), outcome(lambda: pillow_only(data, pytest.MonkeyPatch))
+    fast, alone = outcome(lambda: load_pixels(data)), outcome(lambda: pillow_only(data))
     if isinstance(alone, str):
         assert fast == alone
     else:
