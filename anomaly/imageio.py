@@ -5,34 +5,34 @@ give the same array whatever its container (8-bit, 16-bit, float, palette, opaqu
 and hostile input (bombs, truncated or non-image files) must end as an `ImageLoadError`,
 never as a traceback.
 
-Pillow reads every file, except the most common kinds, decoded through imagecodecs into the array
-Pillow would make, 1.1-1.5x as fast (larger files gain more; ``python bench/bench.py --section prepare``)
-and without holding the GIL, so decode threads do not queue for it:
+Pillow reads every file, except the most common kinds, decoded into the array Pillow would make,
+faster (``python bench/bench.py --section prepare``) and without holding the GIL, so decode threads do
+not queue for it:
 
 * an 8-bit grey or RGB PNG, not interlaced, with nothing in it that Pillow would apply (transparency,
   an orientation, animation) and nothing unusual (every chunk one Pillow keeps aside, every checksum
-  right), by libpng (PNG is lossless);
+  right), by `anomaly.png`: libdeflate through imagecodecs, then PNG's row filters undone (lossless);
 * a grey or RGB baseline JPEG that Pillow has opened and would not turn, complete (it ends with its
   end-of-image marker: libjpeg only warns of a file cut short, where Pillow refuses it), by
   libjpeg-turbo, the library Pillow decodes it with, at the same settings. Of 10,000 baseline JPEGs
   with bytes changed at random, both accepted and refused the same ones, with the same pixels.
 
-Any file those libraries refuse is read again by Pillow, which words the error.
+Any file those paths refuse is read again by Pillow, which words the error.
 """
 from __future__ import annotations
 
 import io
 import re
-import struct
 import threading
 import warnings
-import zlib
 from pathlib import Path
 from typing import BinaryIO
 
 import imagecodecs
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from anomaly import png
 
 MAX_PIXELS: int = 40_000_000
 
@@ -41,13 +41,6 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _PREMULTIPLIED = {"RGBa": "RGBA", "La": "LA"}  # Pillow converts these to RGB only via their straight form
 _INT32_MAX = 2**31 - 1
 _SNIFF_BYTES = 1024
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Chunks that Pillow keeps aside (colour management, metadata, a suggested palette) and never applies
-# to an 8-bit grey or RGB image, so libpng's array of such a file is Pillow's ...
-_PLAIN_PNG_CHUNKS = frozenset({b"IHDR", b"IDAT", b"IEND", b"PLTE", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT",
-                               b"pHYs", b"tIME", b"bKGD", b"hIST", b"sPLT", b"tEXt", b"zTXt", b"iTXt"})
-# ... unless text under one of these keywords holds an orientation, which Pillow reads as EXIF.
-_ORIENTATION_KEYWORDS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
 # Image.open temporarily turns DecompressionBombWarning into an error; warnings.catch_warnings
 # swaps process-wide state, so concurrent loads must not interleave their enter/exit.
 _OPEN_LOCK = threading.Lock()
@@ -102,7 +95,7 @@ def _load_stream(stream: BinaryIO, name: str) -> np.ndarray:
     head = stream.read(_SNIFF_BYTES)
     if not head:
         raise ImageLoadError(name, "empty file")
-    pixels = _plain_png(stream, head)
+    pixels = png.decode_plain(stream, head, MAX_PIXELS)
     if pixels is not None:
         return pixels
     stream.seek(0)
@@ -117,25 +110,6 @@ def _load_stream(stream: BinaryIO, name: str) -> np.ndarray:
     except Exception:  # Pillow's decoders raise a zoo of types (OSError, ValueError, zlib/EOF errors...)
         raise ImageLoadError(name, "truncated or corrupt image data") from None
     return _to_pixels(image, name)
-
-
-def _plain_png(stream: BinaryIO, head: bytes) -> np.ndarray | None:
-    """The file as `_to_pixels` would return it, decoded by libpng, where it is a plain PNG (see the
-    module's docstring); else None, with the stream read further."""
-    if len(head) < 33 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        return None
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
-    if depth != 8 or colour not in (0, 2) or interlace or not (width and height and width * height <= MAX_PIXELS):
-        return None  # interlaced files: rare, and none could be made here to test libpng's reading of them
-    most = 2 * 3 * width * height + 2**20  # far more than any such file holds; beyond it, Pillow's limits apply
-    data = head + stream.read(most + 1 - len(head))
-    if len(data) > most or not _chunks_are_plain(data):
-        return None
-    try:
-        pixels = imagecodecs.png_decode(data)
-    except Exception:  # libpng's refusal; Pillow reads the file again and says what is wrong with it
-        return None
-    return _checked(pixels, (width, height), grey=colour == 0)
 
 
 def _plain_jpeg(image: Image.Image, stream: BinaryIO) -> np.ndarray | None:
@@ -162,26 +136,6 @@ def _checked(pixels: np.ndarray, size: tuple[int, int], grey: bool) -> np.ndarra
     width, height = size
     expected = (height, width) if grey else (height, width, 3)
     return pixels if pixels.dtype == np.uint8 and pixels.shape == expected else None
-
-
-def _chunks_are_plain(data: bytes) -> bool:
-    """Whether every chunk up to IEND is one of the plain kinds, its checksum right (Pillow checks the
-    ones it reads, libpng only warns of an ancillary chunk's), and none is text holding an orientation."""
-    at, view = len(_PNG_SIGNATURE), memoryview(data)
-    while at + 12 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, at)
-        end = at + 8 + length
-        if kind not in _PLAIN_PNG_CHUNKS or end + 4 > len(data):
-            return False
-        if zlib.crc32(view[at + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
-            return False
-        if kind in (b"tEXt", b"zTXt", b"iTXt"):  # a keyword of at most 79 bytes, then 0
-            if bytes(view[at + 8 : min(end, at + 88)]).split(b"\0", 1)[0] in _ORIENTATION_KEYWORDS:
-                return False
-        if kind == b"IEND":
-            return True
-        at = end + 4
-    return False  # cut short: Pillow says so
 
 
 def _open_checked(stream: BinaryIO, name: str, head: bytes) -> Image.Image:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly import imageio
+from anomaly import imageio, png
 
 
-def libpng_pixels(data: bytes) -> np.ndarray | None:
-    """What the libpng path makes of ``data``, or None where it leaves the file to Pillow."""
+def png_pixels(data: bytes) -> np.ndarray | None:
+    """What `anomaly.png` makes of ``data``, or None where it leaves the file to Pillow."""
     stream = io.BytesIO(data)
-    return imageio._plain_png(stream, stream.read(1024))
+    return png.decode_plain(stream, stream.read(1024), imageio.MAX_PIXELS)
 
 
 def libjpeg_pixels(data: bytes) -> np.ndarray | None:
@@ -27,6 +27,6 @@ def libjpeg_pixels(data: bytes) -> np.ndarray | None:
 def pillow_only(data: bytes, keep_grey: bool = False) -> np.ndarray:
     """`imageio.load_pixels` with both fast paths turned off: Pillow alone."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(imageio, "_plain_png", lambda stream, head: None)
+        patch.setattr(png, "decode_plain", lambda stream, head, max_pixels: None)
         patch.setattr(imageio, "_plain_jpeg", lambda image, stream: None)
         return imageio.load_pixels(data, keep_grey=keep_grey)

@@ -5,6 +5,7 @@ import io
 import pickle
 import struct
 import warnings
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image, ImageCms, ImageFilter, PngImagePlugin
 
 import hostile
-from decode_paths import libjpeg_pixels, libpng_pixels, pillow_only
+from decode_paths import libjpeg_pixels, pillow_only, png_pixels
 from anomaly import imageio
 from anomaly.imageio import MAX_PIXELS, ImageLoadError, load_image, load_pixels, to_float
 
@@ -215,7 +216,7 @@ def test_other_pictures_stay_rgb_when_grey_is_kept(data: bytes) -> None:
     assert load_pixels(data, keep_grey=True).ndim == 3
 
 
-# --- plain PNGs and JPEGs, decoded through imagecodecs -------------------------------------------------
+# --- plain PNGs and JPEGs, decoded without Pillow --------------------------------------------------------------
 
 def png_with(image: Image.Image, **chunks: bytes) -> bytes:
     info = PngImagePlugin.PngInfo()
@@ -264,12 +265,12 @@ def plain_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]
         "restart markers": hostile.encode(picture, "JPEG", restart_marker_blocks=3),
         "EXIF, upright": hostile.encode(picture, "JPEG", exif=exif_orientation(1)),
     }
-    return {**{f"PNG, {name}": (data, libpng_pixels) for name, data in pngs.items()},
+    return {**{f"PNG, {name}": (data, png_pixels) for name, data in pngs.items()},
             **{f"JPEG, {name}": (data, libjpeg_pixels) for name, data in jpegs.items()}}
 
 
 @pytest.mark.parametrize("name", list(plain_files()))
-def test_plain_files_are_decoded_through_imagecodecs_as_pillow_decodes_them(name: str) -> None:
+def test_plain_files_are_decoded_by_the_fast_paths_as_pillow_decodes_them(name: str) -> None:
     data, fast = plain_files()[name]
     pixels = fast(data)
     assert pixels is not None, "left to Pillow"
@@ -278,6 +279,14 @@ def test_plain_files_are_decoded_through_imagecodecs_as_pillow_decodes_them(name
     assert pixels.ndim == (2 if "grey" in name else 3)
     np.testing.assert_array_equal(pixels, expected)
     np.testing.assert_array_equal(load_pixels(data), pillow_only(data))
+
+
+def two_runs_of_pixel_data() -> bytes:
+    """A 4 x 3 RGB PNG whose pixel data is split by a text chunk: Pillow reads only the first run."""
+    data = zlib.compress(bytes(3 * 13))
+    first = hostile.png_from_rows(4, 3, 8, 2, b"", idat=data[:10])
+    rest = hostile.png_chunk(b"tEXt", b"Comment\0between") + hostile.png_chunk(b"IDAT", data[10:])
+    return first[:-12] + rest + first[-12:]
 
 
 def other_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]]]:
@@ -303,7 +312,11 @@ def other_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]
         "wrong checksum on a text chunk": hostile.with_png_chunk(plain, text[:-1] + bytes([text[-1] ^ 1])),
         "cut before its end": plain[:-12],
         "too large": hostile.decompression_bomb_png(10_000, 10_000),
-        "pixel data libpng refuses": hostile.png_from_rows(4, 3, 8, 2, b"", idat=b"not zlib data at all"),
+        "pixel data that does not inflate": hostile.png_from_rows(4, 3, 8, 2, b"", idat=b"not zlib data at all"),
+        "pixel data a row short": hostile.png_from_rows(4, 3, 8, 2, bytes(2 * 13)),
+        "pixel data a byte too long": hostile.png_from_rows(4, 3, 8, 2, bytes(3 * 13 + 1)),
+        "a filter type PNG does not define": hostile.png_from_rows(4, 3, 8, 2, bytes(13) + b"\5" + bytes(25)),
+        "two runs of pixel data": two_runs_of_pixel_data(),
     }
     upright = smooth_picture(32, 16)
     jpegs = {
@@ -314,7 +327,7 @@ def other_files() -> dict[str, tuple[bytes, Callable[[bytes], np.ndarray | None]
         "data after its end": hostile.encode(upright, "JPEG") + b"trailing bytes",
         "cut short in its pixel data": hostile.encode(smooth_picture(), "JPEG")[:-200],
     }
-    return {**{f"PNG, {name}": (data, libpng_pixels) for name, data in pngs.items()},
+    return {**{f"PNG, {name}": (data, png_pixels) for name, data in pngs.items()},
             **{f"JPEG, {name}": (data, libjpeg_pixels) for name, data in jpegs.items()}}
 
 
@@ -332,8 +345,8 @@ def test_other_files_are_left_to_pillow(name: str) -> None:
             assert expected.shape == (32, 16, 3)
 
 
-def test_data_libpng_refuses_gets_pillows_message() -> None:
-    data = other_files()["PNG, pixel data libpng refuses"][0]
+def test_pixel_data_that_does_not_inflate_gets_pillows_message() -> None:
+    data = other_files()["PNG, pixel data that does not inflate"][0]
     assert load_error(data, "x.png") == "x.png: truncated or corrupt image data"
 
 

@@ -14,7 +14,7 @@ from anomaly.datasets import load_mask, load_mvtec_category
 from anomaly.metrics import image_roc_auc, pixel_roc_auc
 from anomaly.spade import SPADE
 
-from decode_paths import libjpeg_pixels, libpng_pixels, pillow_only
+from decode_paths import libjpeg_pixels, png_pixels, pillow_only
 from imagegen import DATASETS, requires_dataset
 
 
@@ -51,13 +51,13 @@ def test_magnetic_tile_maps_localise_defects(efficientnet):
                                              for folder, pattern in [("magnetic_tile", "*.jpg"),
                                                                      ("mvtec_bottle_448", "*.png")]])
 def test_real_files_take_the_fast_decoders_and_get_pillows_pixels(folder, pattern):
-    """Every real image goes through libjpeg-turbo / libpng (imagecodecs) and gives Pillow's array."""
+    """Every real image goes through the fast paths (libjpeg-turbo, `anomaly.png`) and gives Pillow's array."""
     paths = sorted((DATASETS / folder).rglob(pattern))
     paths = [path for path in paths if "ground_truth" not in path.parts][::3]
     assert paths
     decoded = {}
     for path in paths:
-        fast = (libpng_pixels if pattern == "*.png" else libjpeg_pixels)(path.read_bytes())
+        fast = (png_pixels if pattern == "*.png" else libjpeg_pixels)(path.read_bytes())
         assert fast is not None, path
         decoded[path] = fast
     for path, fast in decoded.items():
