@@ -22,7 +22,8 @@ Sections (``--section``, repeatable; default all but ``bank5000``):
                  and the compiled resize, with how far their results differ; a grey JPEG kept grey
                  against repeated into RGB.
 * ``throughput`` bank building and image-level scoring in images/s against the backbone's bare
-                 forward pass on the same batch.
+                 forward pass on the same batch; decoding alone, and what decoding, then the
+                 forward, one after the other would allow.
 * ``memory``     bank bytes per normal image; peak resident memory while scoring 1, 4 and 16
                  batches of images (streaming: it should not grow).
 * ``scaling``    image-level and pixel-level cost against the bank size (synthetic features).
@@ -43,7 +44,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import imagecodecs
 import numpy as np
@@ -51,12 +54,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly import SPADE, allocator, fused, search, tiledot  # noqa: E402  (first: it sets torch's allocator up)
+from anomaly import SPADE, allocator, features, fused, openmp, search, tiledot  # noqa: E402  (first: it sets torch's allocator up)
 from anomaly.bank import PyramidSpill  # noqa: E402
 from anomaly.datasets import MVTecCategory, load_mvtec_category  # noqa: E402
 from anomaly.demo import make_demo_dataset  # noqa: E402
 from anomaly.evaluation import evaluate  # noqa: E402
-from anomaly.features import THUMBNAIL_SIZE, iter_batches, load, prepare, stack_pyramid  # noqa: E402
+from anomaly.features import THUMBNAIL_SIZE, iter_batches, load, prepare, run_backbone, stack_pyramid  # noqa: E402
 from anomaly.imageio import load_pixels, to_float  # noqa: E402
 from anomaly.threads import configure_threads  # noqa: E402
 
@@ -465,16 +468,51 @@ def section_throughput(args) -> None:
             for x in batches:
                 extractor(x)
 
+    thumbnails = np.empty((len(items), THUMBNAIL_SIZE, THUMBNAIL_SIZE, 3), np.uint8)
+
+    def decode() -> None:  # as bank building decodes: a batch at a time, on as many threads as the forward uses
+        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+            for start in range(0, len(items), args.batch):
+                indices = range(start, min(start + args.batch, len(items)))
+                list(pool.map(lambda i: load(items[i], extractor.identity, thumbnails[i]), indices))
+
+    builds: list[tuple[float, float]] = []  # (wall, of which in run_backbone) of each bank build
+
+    def build() -> None:
+        in_forward = 0.0
+
+        def timed(*arguments, **options):
+            nonlocal in_forward
+            start = time.perf_counter()
+            try:
+                return run_backbone(*arguments, **options)
+            finally:
+                in_forward += time.perf_counter() - start
+
+        start = time.perf_counter()
+        with mock.patch.object(features, "run_backbone", timed):
+            fitted.fit(items)
+        builds.append((time.perf_counter() - start, in_forward))
+
     repeats = max(args.repeats, 5)  # the forward's own speed wanders by a third on a shared machine
-    best = best_times({"bare": bare, "build": lambda: fitted.fit(items),
+    best = best_times({"bare": bare, "decode": decode, "build": build,
                        "score": lambda: sum(1 for _ in fitted.score(tests))}, repeats)
-    rows = [["bare forward (decoded batches)", len(items) / best["bare"], 1.0],
-            ["bank build (decode + forward + spill)", len(items) / best["build"], best["bare"] / best["build"]],
-            ["image-level scoring (decode + forward + kNN)", len(tests) / best["score"],
+    build_wall, build_forward = min(builds)
+    per_image = {name: 1e3 * seconds / len(items) for name, seconds in best.items()}
+    in_turn = best["bare"] + best["decode"]
+    rows = [["bare forward (decoded batches)", per_image["bare"], len(items) / best["bare"], 1.0],
+            ["decoding alone (decode threads, with thumbnails)", per_image["decode"], len(items) / best["decode"], "-"],
+            ["decoding, then the forward (the two rows above added)", 1e3 * in_turn / len(items),
+             len(items) / in_turn, best["bare"] / in_turn],
+            ["bank build (decode + forward + spill)", per_image["build"], len(items) / best["build"],
+             best["bare"] / best["build"]],
+            ["... of which the forward passes (its fastest run)", 1e3 * build_forward / len(items), "-", "-"],
+            ["... of which decoding and the rest", 1e3 * (build_wall - build_forward) / len(items), "-", "-"],
+            ["image-level scoring (decode + forward + kNN)", 1e3 * best["score"] / len(tests), len(tests) / best["score"],
              best["bare"] / best["score"] * len(tests) / len(items)]]
     table(f"Throughput: {args.backbone}, batch {args.batch}, {len(items)} train / {len(tests)} test images of "
           f"{Path(args.dataset).name} (best of {repeats}, interleaved; build without calibration maps)",
-          ["stage", "images / s", "of bare forward"], rows)
+          ["stage", "ms per image", "images / s", "of bare forward"], rows)
 
 
 def section_memory(args) -> None:
@@ -577,7 +615,9 @@ def main(argv: list[str] | None = None) -> None:
           f"bf16 {'native' if default_precision(args) == 'bf16' else 'not native'}, "
           f"{'compiled as for an AVX2 CPU without AVX-512, ' if args.avx2 else ''}"
           f"pixel search by default: {search.describe(default_precision(args))}, "
-          f"allocator: {', '.join(allocator.applied) or 'system default'}, load average {os.getloadavg()[0]:.2f}")
+          f"allocator: {', '.join(allocator.applied) or 'system default'}, "
+          f"OpenMP spin count {os.environ.get('GOMP_SPINCOUNT', 'default')}"
+          f"{' (set by anomaly)' if openmp.applied else ''}, load average {os.getloadavg()[0]:.2f}")
     for name in args.section or SECTIONS[:-1]:
         globals()[f"section_{name}"](args)
         print(f"(load average {os.getloadavg()[0]:.2f})")
