@@ -36,7 +36,7 @@ def summarise_session() -> None:
             st.caption(f"Batch: {len(batch.results):,} images scored")
 
 
-cache.search_warm_up()
+cache.warm_up()
 summarise_session()
 page.run()
 summarise_session()  # not reached when a page stops early, which it does only when it changed nothing

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import BackboneIdentity, FeatureExtractor
+from . import png
 from .imageio import ImageLoadError, load_pixels
 from .resample import resize_rgb
 from .sources import InputItem
@@ -75,6 +76,14 @@ def prepare(image: np.ndarray, identity: BackboneIdentity, thumbnail: np.ndarray
         thumbnail[...] = np.clip(np.rint(small), 0, 255).transpose(1, 2, 0)
     mean, std = np.asarray(identity.mean), np.asarray(identity.std)
     return torch.from_numpy(resize_rgb(image, (identity.image_size,) * 2, 1.0 / (unit * std), -mean / std))
+
+
+def warm_up() -> None:
+    """Compile the decoding and resizing loops now instead of in the first batch: with an empty numba
+    cache that takes a few seconds, which an app can spend in the background."""
+    png.warm_up()
+    for image in (np.zeros((2, 2), np.uint8), np.zeros((2, 2, 3), np.uint8)):  # grey and RGB
+        resize_rgb(image, (1, 1))
 
 
 def load(item: InputItem, identity: BackboneIdentity, thumbnail: np.ndarray | None = None) -> Loaded:

@@ -16,7 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import hostile
-from anomaly import SPADE, collect_inputs, search
+from anomaly import SPADE, collect_inputs, features, search
 from anomaly.app import cache, findings, tables, workflows
 from anomaly.backbones import FeatureExtractor
 from anomaly.demo import make_demo_dataset
@@ -96,17 +96,19 @@ def test_home_offers_the_demo_and_every_page():
     assert len(at.get("page_link")) == 5
 
 
-def test_opening_the_dashboard_compiles_the_pixel_search_once_in_the_background(monkeypatch):
+def test_opening_the_dashboard_compiles_the_loops_once_in_the_background(monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(cache, "warm_up", lambda: calls.append(threading.current_thread().name))
-    cache.search_warm_up.clear()
+    for module in (features, search):
+        monkeypatch.setattr(module, "warm_up", lambda name=module.__name__: calls.append(
+            f"{name} on {threading.current_thread().name}"))
+    cache.warm_up.clear()
     fresh()
     fresh()  # a rerun, or a second browser tab: nothing more
-    thread = cache.search_warm_up()
+    thread = cache.warm_up()
     thread.join(timeout=60)
-    assert calls == ["search-warm-up"]
+    assert calls == ["anomaly.features on warm-up", "anomaly.search on warm-up"]
     assert not thread.daemon  # a daemon still in torch at exit aborts the interpreter
-    cache.search_warm_up.clear()  # the next opening warms up for real again
+    cache.warm_up.clear()  # the next opening warms up for real again
 
 
 @pytest.mark.parametrize("page", ["pages/bank.py", "pages/score.py", "pages/inspect.py", "pages/sanity.py",

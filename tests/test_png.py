@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import imagecodecs
 import numpy as np
@@ -113,3 +116,30 @@ def test_pixel_data_may_be_split_over_many_chunks() -> None:
     chunks = b"".join(hostile.png_chunk(b"IDAT", data[i : i + 5]) for i in range(5, len(data), 5))
     file = file[:-12] + chunks + hostile.png_chunk(b"IDAT", b"") + file[-12:]
     np.testing.assert_array_equal(decoded(file), pixels)
+
+
+WARM_UP_PROBE = """
+import io, numpy as np
+from PIL import Image
+from anomaly import features, png, resample
+from anomaly.imageio import load_pixels
+loops = (png._unfilter, resample._resample)
+assert not any(loop.signatures for loop in loops), "compiled before the warm-up"
+features.warm_up()
+compiled = [set(loop.signatures) for loop in loops]
+assert all(compiled), "the warm-up left a loop uncompiled"
+for pixels in (np.zeros((30, 20), np.uint8), np.full((20, 30, 3), 7, np.uint8)):
+    stream = io.BytesIO()
+    Image.fromarray(pixels).save(stream, "PNG")
+    resample.resize_rgb(load_pixels(stream.getvalue(), keep_grey=True), (8, 8))
+assert [set(loop.signatures) for loop in loops] == compiled, "real images compiled more"
+print("ok")
+"""
+
+
+def test_warming_up_compiles_what_real_decoding_and_resizing_use() -> None:
+    """In a fresh interpreter: after `features.warm_up`, decoding and resizing real grey and RGB PNGs
+    compiles nothing more."""
+    done = subprocess.run([sys.executable, "-c", WARM_UP_PROBE], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

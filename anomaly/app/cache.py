@@ -28,7 +28,7 @@ from ..datasets import MVTecCategory
 from ..evaluation import Report, evaluate
 from ..imageio import ImageLoadError, load_image
 from ..metrics import roc_curve_points
-from ..search import warm_up
+from .. import features, search
 from ..sources import InputItem
 from ..spade import SPADE, ImageResult
 from . import findings
@@ -43,20 +43,22 @@ def extractor(backbone: str, weights: str | None = None) -> FeatureExtractor:
 
 
 @st.cache_resource(show_spinner=False)
-def search_warm_up() -> threading.Thread:
-    """The pixel search's loops compiling in the background, started once per process as the dashboard
-    opens: with an empty numba cache that takes about 20 s, which the first bank's calibration maps would
-    otherwise wait for while the user is still choosing images."""
+def warm_up() -> threading.Thread:
+    """The compiled loops (image decoding and resizing, then the pixel search) compiling in the background,
+    started once per process as the dashboard opens: with an empty numba cache that takes about 25 s,
+    which the first upload and the first bank's calibration maps would otherwise wait for while the user
+    is still choosing images."""
     def run() -> None:
         try:
-            warm_up()
-        except Exception as exc:  # the first real search compiles instead, and reports its own errors
-            logging.getLogger(__name__).warning("pixel search warm-up failed: %s", exc)
+            features.warm_up()
+            search.warm_up()
+        except Exception as exc:  # the first real use compiles instead, and reports its own errors
+            logging.getLogger(__name__).warning("warm-up of the compiled loops failed: %s", exc)
 
     # Not a daemon (which it would inherit from the script's thread): the interpreter waits for it at exit.
     # A daemon thread still inside a torch call there aborted the process ("terminate called without an
     # active exception").
-    thread = threading.Thread(target=run, name="search-warm-up", daemon=False)
+    thread = threading.Thread(target=run, name="warm-up", daemon=False)
     thread.start()
     return thread
 
