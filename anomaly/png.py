@@ -4,10 +4,10 @@ the row filters.
 PNG decoders spend most of their time inflating: libpng, libspng, Wuffs and Pillow took 2.0-3.3 ms
 for a 448 px RGB image of mvtec_bottle_448 here, of which zlib's inflate alone is 1.5-1.9 ms. libdeflate
 (through imagecodecs) inflates the same data in 0.76 ms, given the whole output size at once; undoing
-the row filters (PNG's spec, section 9) then takes 0.36 ms. Each row's filter has a
-dependency from pixel to pixel (its left neighbour), so the loops keep that neighbour in registers,
-and Paeth's choice is made with masks rather than branches: its choices are unpredictable, and a
-branching version ran twice as slowly.
+the row filters (PNG's spec, section 9) then takes 0.36 ms. Each row's filter depends from pixel to
+pixel (on its left neighbour), so the loops keep that neighbour in registers, and Paeth's choice is
+made with masks rather than branches: its choices are unpredictable, and a branching version ran
+twice as slowly.
 
 Only what `imageio` calls a plain PNG comes here (8-bit grey or RGB, not interlaced, every chunk one
 Pillow keeps aside, every checksum right, one run of pixel data that inflates to exactly the image);
@@ -42,7 +42,7 @@ def decode_plain(stream: BinaryIO, head: bytes, max_pixels: int) -> np.ndarray |
         return None
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
     if depth != 8 or colour not in (0, 2) or interlace or not (width and height and width * height <= max_pixels):
-        return None  # interlaced files: rare, and none could be made here to test a reading of them
+        return None  # interlaced (Adam7) files are rare: Pillow reads them
     channels = 1 if colour == 0 else 3
     most = 2 * channels * width * height + 2**20  # far more than any such file holds; beyond, Pillow's limits apply
     data = head + stream.read(most + 1 - len(head))
