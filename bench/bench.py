@@ -72,15 +72,21 @@ SECTIONS = ("pixel", "bound", "accuracy", "prepare", "throughput", "memory", "sc
 
 
 # ---- measuring ------------------------------------------------------------------------
-def best_times(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time of each variant, run in turns so that load from other processes hits all alike."""
-    best = {name: float("inf") for name in variants}
+def times_in_turns(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each variant, ``repeats`` rounds of all of them in turns, so that load from other
+    processes hits all alike and the times of one round were taken minutes apart at most."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
             start = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def best_times(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall time of each variant, run in turns (`times_in_turns`)."""
+    return {name: min(seconds) for name, seconds in times_in_turns(variants, repeats).items()}
 
 
 class PeakRSS:
@@ -495,24 +501,33 @@ def section_throughput(args) -> None:
         builds.append((time.perf_counter() - start, in_forward))
 
     repeats = max(args.repeats, 5)  # the forward's own speed wanders by a third on a shared machine
-    best = best_times({"bare": bare, "decode": decode, "build": build,
-                       "score": lambda: sum(1 for _ in fitted.score(tests))}, repeats)
-    build_wall, build_forward = min(builds)
-    per_image = {name: 1e3 * seconds / len(items) for name, seconds in best.items()}
+    times = times_in_turns({"bare": bare, "decode": decode, "build": build,
+                            "score": lambda: sum(1 for _ in fitted.score(tests))}, repeats + 1)
+    times = {name: seconds[1:] for name, seconds in times.items()}  # the first round warms caches up
+    best = {name: min(seconds) for name, seconds in times.items()}
+    build_wall, build_forward = min(builds[1:])
     in_turn = best["bare"] + best["decode"]
-    rows = [["bare forward (decoded batches)", per_image["bare"], len(items) / best["bare"], 1.0],
-            ["decoding alone (decode threads, with thumbnails)", per_image["decode"], len(items) / best["decode"], "-"],
+
+    def of_bare(name: str, scale: float = 1.0) -> str:
+        """The best times' ratio, and the median and range of each round's own ratio (taken seconds apart)."""
+        rounds = [bare / other * scale for bare, other in zip(times["bare"], times[name])]
+        return (f"{best['bare'] / best[name] * scale:.2f} (rounds: {np.median(rounds):.2f}, "
+                f"{min(rounds):.2f}-{max(rounds):.2f})")
+
+    rows = [["bare forward (decoded batches)", 1e3 * best["bare"] / len(items), len(items) / best["bare"], "1"],
+            ["decoding alone (decode threads, with thumbnails)", 1e3 * best["decode"] / len(items),
+             len(items) / best["decode"], "-"],
             ["decoding, then the forward (the two rows above added)", 1e3 * in_turn / len(items),
-             len(items) / in_turn, best["bare"] / in_turn],
-            ["bank build (decode + forward + spill)", per_image["build"], len(items) / best["build"],
-             best["bare"] / best["build"]],
+             len(items) / in_turn, f"{best['bare'] / in_turn:.2f}"],
+            ["bank build (decode + forward + spill)", 1e3 * best["build"] / len(items), len(items) / best["build"],
+             of_bare("build")],
             ["... of which the forward passes (its fastest run)", 1e3 * build_forward / len(items), "-", "-"],
             ["... of which decoding and the rest", 1e3 * (build_wall - build_forward) / len(items), "-", "-"],
             ["image-level scoring (decode + forward + kNN)", 1e3 * best["score"] / len(tests), len(tests) / best["score"],
-             best["bare"] / best["score"] * len(tests) / len(items)]]
+             of_bare("score", len(tests) / len(items))]]
     table(f"Throughput: {args.backbone}, batch {args.batch}, {len(items)} train / {len(tests)} test images of "
-          f"{Path(args.dataset).name} (best of {repeats}, interleaved; build without calibration maps)",
-          ["stage", "ms per image", "images / s", "of bare forward"], rows)
+          f"{Path(args.dataset).name} ({repeats} rounds of every stage in turns; best times; build without "
+          f"calibration maps)", ["stage", "ms per image", "images / s", "of bare forward"], rows)
 
 
 def section_memory(args) -> None:
