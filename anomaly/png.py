@@ -110,11 +110,10 @@ def _unfilter(filtered, channels, pixels):
         line, above = filtered[row, 1:], (pixels[row - 1] if row else zeros)
         if kind > 4:
             return False
-        if kind == 0:
-            pixels[row] = line
-        elif kind == 2:  # up: no dependency along the row, so it vectorises
+        if kind in (0, 2):  # none and up: no dependency along the row, so these loops vectorise
+            up = 1 if kind == 2 else 0
             for i in range(line.shape[0]):
-                pixels[row, i] = line[i] + above[i]
+                pixels[row, i] = line[i] + up * above[i]
         elif channels == 3:
             _row_rgb(kind, line, above, pixels[row])
         else:
