@@ -78,8 +78,8 @@ QUERY_TILE = 1024
 CHUNK = 8
 # Rows of a flat gallery handled as one "image" (no interpolation there).
 GALLERY_TILE = 4096
-# At most this many candidates per query go to the exact recompute. Only exact ties (a
-# uniform image, duplicated normals) come near it; the cap then keeps the best-ranked ones.
+# At most this many candidates per query (or kappa, where it is larger) go to the exact recompute. Only
+# exact ties (a uniform image, duplicated normals) come near it; the cap then keeps the best-ranked ones.
 MAX_CANDIDATES = 256
 # Unit roundoff 2^-p of bfloat16 (p = 8 significant bits) and float32 (p = 24): rounding to nearest moves a
 # value by at most this share of it (bfloat16(8.03) = 8, off by 0.0037 of it).
@@ -312,7 +312,7 @@ class _Candidates:
     def _merge(self) -> None:
         """Sharpen ``within`` from all candidates and drop those that cannot come within it."""
         lower, upper, query, ids = (torch.cat(parts) for parts in zip(*self._pending))
-        keep = fused.prune(lower, upper, query, self.within, self.kappa, MAX_CANDIDATES)
+        keep = fused.prune(lower, upper, query, self.within, self.kappa, max(MAX_CANDIDATES, self.kappa))
         self._pending = [(lower[keep], upper[keep], query[keep], ids[keep])]
         self._size = self._merged_size = len(keep)
 

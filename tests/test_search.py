@@ -145,6 +145,18 @@ def test_kappa_beyond_a_tile_and_beyond_the_gallery(monkeypatch):
     assert torch.isinf(small[:, 3:]).all()  # fewer gallery pixels than kappa: the rest are infinitely far
 
 
+def test_kappa_beyond_the_candidate_cap(products):
+    """More neighbours asked for than the candidates kept per query by default: none may be lost."""
+    rng = np.random.default_rng(8)
+    queries = rng.normal(size=(6, 8)).astype(np.float32)
+    gallery = rng.normal(size=(700, 8)).astype(np.float32)
+    kappa = search.MAX_CANDIDATES + 44
+    for precision in ("fp32", "bf16"):
+        got = search.pixel_knn(torch.from_numpy(queries), torch.from_numpy(gallery), kappa=kappa, precision=precision)
+        assert not torch.isinf(got).any()
+        np.testing.assert_allclose(got.numpy(), brute_force(queries, gallery, kappa), rtol=1e-5, atol=1e-5)
+
+
 def test_pixel_knn_exact_on_duplicates_and_zero_distance(products):
     gallery = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)
     for precision in ("fp32", "bf16"):
