@@ -10,6 +10,7 @@ from pathlib import Path
 
 import imagecodecs
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -65,9 +66,11 @@ def test_every_filter_is_undone(data: st.DataObject, grey: bool) -> None:
     np.testing.assert_array_equal(result, imagecodecs.png_decode(file))  # libpng, another decoder, agrees
 
 
-def test_paeth_is_right_for_every_left_upper_and_upper_left_byte() -> None:
+@pytest.mark.parametrize("upper_kind", [0, 4], ids=["rows one at a time", "rows two at a time"])
+def test_paeth_is_right_for_every_left_upper_and_upper_left_byte(upper_kind: int) -> None:
     """All 2^24 (a, b, c): row pairs whose upper row holds every (c, b) pair side by side and whose
-    lower row's left byte a steps through all 256 values from one pair of rows to the next."""
+    lower row's left byte a steps through all 256 values from one pair of rows to the next. Grey rows
+    that both need their left neighbours are undone two at a time: Paeth upper rows make that path."""
     pair = np.arange(65536)
     upper = np.stack([pair >> 8, pair & 255], axis=1).reshape(-1).astype(np.uint8)  # c, b at columns 2m, 2m + 1
     rng = np.random.default_rng(0)
@@ -77,7 +80,7 @@ def test_paeth_is_right_for_every_left_upper_and_upper_left_byte() -> None:
         lower[0::2] = (pair + step) % 256  # a, left of column 2m + 1
         rows += [upper, lower]
     pixels = np.stack(rows)
-    filtered = filtered_rows(pixels, [0, 4] * 256)
+    filtered = filtered_rows(pixels, [upper_kind, 4] * 256)
     out = np.empty_like(pixels)
     assert png._unfilter(filtered, 1, out)
     np.testing.assert_array_equal(out, pixels)
@@ -102,6 +105,8 @@ def test_damaged_or_unusual_pixel_data_is_left_to_pillow() -> None:
         "a row short": hostile.png_from_rows(4, 3, 8, 2, rows[:-13]),
         "a byte too long": hostile.png_from_rows(4, 3, 8, 2, rows + b"\0"),
         "filter type 5": hostile.png_from_rows(4, 3, 8, 2, rows[:13] + b"\5" + rows[14:]),
+        "filter type 5 after a grey row of Sub (grey rows are undone two at a time)": hostile.png_from_rows(
+            4, 3, 8, 0, b"\1" + bytes(4) + b"\5" + bytes(4) + b"\0" + bytes(4)),
         "no pixel data": hostile.png_from_rows(4, 3, 8, 2, b"", idat=b"")[:33] + hostile.png_chunk(b"IEND", b""),
     }
     assert decoded(hostile.png_from_rows(4, 3, 8, 2, rows)) is not None
