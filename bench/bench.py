@@ -439,14 +439,21 @@ def section_prepare(args) -> None:
             f"{best[f'Pillow{kind}'] / best[f'compiled{kind}']:.1f}x")] + [f"{difference.max():.1e}"])
     grey = []
     for side in (448, 2448):
-        stream = io.BytesIO()
-        source.convert("L").resize((side, side), Image.Resampling.BICUBIC).save(stream, "JPEG", quality=95)
-        data = stream.getvalue()
+        picture, stream, png_stream = source.convert("L").resize((side, side), Image.Resampling.BICUBIC), io.BytesIO(), io.BytesIO()
+        picture.save(stream, "JPEG", quality=95)
+        picture.save(png_stream, "PNG")
+        data, png_data = stream.getvalue(), png_stream.getvalue()
         best = best_times({"grey": lambda: prepare(load_pixels(data, keep_grey=True), identity),
-                           "rgb": lambda: prepare(load_pixels(data), identity)}, repeats)
+                           "rgb": lambda: prepare(load_pixels(data), identity),
+                           "png": lambda: load_pixels(png_data, keep_grey=True),
+                           "png libpng": lambda: imagecodecs.png_decode(png_data),
+                           "png Pillow": lambda: pillow_decode(png_data)}, repeats)
         same = torch.equal(prepare(load_pixels(data, keep_grey=True), identity), prepare(load_pixels(data), identity))
-        grey.append([f"{side} x {side}", best["grey"] * 1e3, best["rgb"] * 1e3, f"{best['rgb'] / best['grey']:.1f}x",
-                     "yes" if same else "NO"])
+        same_png = np.array_equal(load_pixels(png_data, keep_grey=True), imagecodecs.png_decode(png_data))
+        ms = {key: value * 1e3 for key, value in best.items()}
+        grey.append([f"{side} x {side}", ms["grey"], ms["rgb"], f"{ms['rgb'] / ms['grey']:.1f}x", "yes" if same else "NO",
+                     ms["png"], ms["png libpng"], f"{ms['png libpng'] / ms['png']:.2f}x", ms["png Pillow"],
+                     "yes" if same_png else "NO"])
     where = f"{Path(path).name} and it enlarged, ms on one thread (best of {repeats}, in turns)"
     table(f"Decoding one image: the library (anomaly.png for plain PNGs, libjpeg-turbo through imagecodecs for "
           f"plain JPEGs) against libpng through imagecodecs and Pillow alone; {where}",
@@ -455,8 +462,10 @@ def section_prepare(args) -> None:
     table(f"Preparing one image for {args.backbone} ({identity.image_size} px input, {THUMBNAIL_SIZE} px thumbnail): "
           f"anomaly.resample against Pillow's resize of one float32 channel at a time; {where}",
           ["image", "compiled", "Pillow", "faster", "with thumbnail", "Pillow", "faster", "max |difference|"], resizing)
-    table(f"A grey JPEG decoded and prepared, kept grey (the library) against repeated into RGB first; {where}",
-          ["image", "kept grey", "as RGB", "faster", "same input"], grey)
+    table(f"A grey JPEG decoded and prepared, kept grey (the library) against repeated into RGB first; the same picture "
+          f"as a grey PNG decoded by the library, libpng and Pillow (as RGB); {where}",
+          ["image", "JPEG kept grey", "as RGB", "faster", "same input", "grey PNG", "libpng", "faster", "Pillow",
+           "same pixels"], grey)
 
 
 def section_throughput(args) -> None:
