@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import BackboneIdentity, FeatureExtractor
 from . import png
+from .backbones import BackboneIdentity, FeatureExtractor
 from .imageio import ImageLoadError, load_pixels
 from .resample import resize_rgb
 from .sources import InputItem

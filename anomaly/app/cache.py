@@ -22,13 +22,13 @@ from collections.abc import Sequence
 import numpy as np
 import streamlit as st
 
+from .. import features, search
 from ..backbones import FeatureExtractor, load_extractor
 from ..bank import BankError, NormalBank
 from ..datasets import MVTecCategory
 from ..evaluation import Report, evaluate
 from ..imageio import ImageLoadError, load_image
 from ..metrics import roc_curve_points
-from .. import features, search
 from ..sources import InputItem
 from ..spade import SPADE, ImageResult
 from . import findings
