@@ -74,7 +74,7 @@ SECTIONS = ("pixel", "bound", "accuracy", "prepare", "throughput", "memory", "sc
 # ---- measuring ------------------------------------------------------------------------
 def times_in_turns(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Wall times of each variant, ``repeats`` rounds of all of them in turns, so that load from other
-    processes hits all alike and the times of one round were taken minutes apart at most."""
+    processes hits all alike and one round's times are taken close together."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
@@ -439,7 +439,8 @@ def section_prepare(args) -> None:
             f"{best[f'Pillow{kind}'] / best[f'compiled{kind}']:.1f}x")] + [f"{difference.max():.1e}"])
     grey = []
     for side in (448, 2448):
-        picture, stream, png_stream = source.convert("L").resize((side, side), Image.Resampling.BICUBIC), io.BytesIO(), io.BytesIO()
+        picture = source.convert("L").resize((side, side), Image.Resampling.BICUBIC)
+        stream, png_stream = io.BytesIO(), io.BytesIO()
         picture.save(stream, "JPEG", quality=95)
         picture.save(png_stream, "PNG")
         data, png_data = stream.getvalue(), png_stream.getvalue()
@@ -518,7 +519,7 @@ def section_throughput(args) -> None:
     in_turn = best["bare"] + best["decode"]
 
     def of_bare(name: str, scale: float = 1.0) -> str:
-        """The best times' ratio, and the median and range of each round's own ratio (taken seconds apart)."""
+        """The best times' ratio, and the median and range of each round's own ratio."""
         rounds = [bare / other * scale for bare, other in zip(times["bare"], times[name])]
         return (f"{best['bare'] / best[name] * scale:.2f} (rounds: {np.median(rounds):.2f}, "
                 f"{min(rounds):.2f}-{max(rounds):.2f})")
