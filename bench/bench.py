@@ -54,7 +54,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomaly import SPADE, allocator, features, fused, openmp, search, tiledot  # noqa: E402  (first: it sets torch's allocator up)
+# first: importing anomaly sets torch's allocator and OpenMP's spinning up
+from anomaly import SPADE, allocator, features, fused, openmp, search, tiledot  # noqa: E402
 from anomaly.bank import PyramidSpill  # noqa: E402
 from anomaly.datasets import MVTecCategory, load_mvtec_category  # noqa: E402
 from anomaly.demo import make_demo_dataset  # noqa: E402
@@ -452,9 +453,9 @@ def section_prepare(args) -> None:
         same = torch.equal(prepare(load_pixels(data, keep_grey=True), identity), prepare(load_pixels(data), identity))
         same_png = np.array_equal(load_pixels(png_data, keep_grey=True), imagecodecs.png_decode(png_data))
         ms = {key: value * 1e3 for key, value in best.items()}
-        grey.append([f"{side} x {side}", ms["grey"], ms["rgb"], f"{ms['rgb'] / ms['grey']:.1f}x", "yes" if same else "NO",
-                     ms["png"], ms["png libpng"], f"{ms['png libpng'] / ms['png']:.2f}x", ms["png Pillow"],
-                     "yes" if same_png else "NO"])
+        grey.append([f"{side} x {side}", ms["grey"], ms["rgb"], f"{ms['rgb'] / ms['grey']:.1f}x",
+                     "yes" if same else "NO", ms["png"], ms["png libpng"], f"{ms['png libpng'] / ms['png']:.2f}x",
+                     ms["png Pillow"], "yes" if same_png else "NO"])
     where = f"{Path(path).name} and it enlarged, ms on one thread (best of {repeats}, in turns)"
     table(f"Decoding one image: the library (anomaly.png for plain PNGs, libjpeg-turbo through imagecodecs for "
           f"plain JPEGs) against libpng through imagecodecs and Pillow alone; {where}",
@@ -463,8 +464,8 @@ def section_prepare(args) -> None:
     table(f"Preparing one image for {args.backbone} ({identity.image_size} px input, {THUMBNAIL_SIZE} px thumbnail): "
           f"anomaly.resample against Pillow's resize of one float32 channel at a time; {where}",
           ["image", "compiled", "Pillow", "faster", "with thumbnail", "Pillow", "faster", "max |difference|"], resizing)
-    table(f"A grey JPEG decoded and prepared, kept grey (the library) against repeated into RGB first; the same picture "
-          f"as a grey PNG decoded by the library, libpng and Pillow (as RGB); {where}",
+    table(f"A grey JPEG decoded and prepared, kept grey (the library) against repeated into RGB first; the same "
+          f"picture as a grey PNG decoded by the library, libpng and Pillow (as RGB); {where}",
           ["image", "JPEG kept grey", "as RGB", "faster", "same input", "grey PNG", "libpng", "faster", "Pillow",
            "same pixels"], grey)
 
@@ -533,8 +534,8 @@ def section_throughput(args) -> None:
              of_bare("build")],
             ["... of which the forward passes (its fastest run)", 1e3 * build_forward / len(items), "-", "-"],
             ["... of which decoding and the rest", 1e3 * (build_wall - build_forward) / len(items), "-", "-"],
-            ["image-level scoring (decode + forward + kNN)", 1e3 * best["score"] / len(tests), len(tests) / best["score"],
-             of_bare("score", len(tests) / len(items))]]
+            ["image-level scoring (decode + forward + kNN)", 1e3 * best["score"] / len(tests),
+             len(tests) / best["score"], of_bare("score", len(tests) / len(items))]]
     table(f"Throughput: {args.backbone}, batch {args.batch}, {len(items)} train / {len(tests)} test images of "
           f"{Path(args.dataset).name} ({repeats} rounds of every stage in turns; best times; build without "
           f"calibration maps)", ["stage", "ms per image", "images / s", "of bare forward"], rows)
