@@ -26,19 +26,19 @@ import numpy as np
 
 from anomaly.jit import compiled
 
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Chunks that Pillow keeps aside (colour management, metadata, a suggested palette) and never applies
 # to an 8-bit grey or RGB image, so the pixels decoded here are Pillow's ...
-PLAIN_CHUNKS = frozenset({b"IHDR", b"IDAT", b"IEND", b"PLTE", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT",
+_PLAIN_CHUNKS = frozenset({b"IHDR", b"IDAT", b"IEND", b"PLTE", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT",
                           b"pHYs", b"tIME", b"bKGD", b"hIST", b"sPLT", b"tEXt", b"zTXt", b"iTXt"})
 # ... unless text under one of these keywords holds an orientation, which Pillow reads as EXIF.
-ORIENTATION_KEYWORDS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
+_ORIENTATION_KEYWORDS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
 def decode_plain(stream: BinaryIO, head: bytes, max_pixels: int) -> np.ndarray | None:
     """The pixels of a plain PNG (uint8, (H, W) grey or (H, W, 3) RGB) whose first bytes are ``head``
     and the rest ``stream``; else None, with the stream read further."""
-    if len(head) < 33 or not head.startswith(SIGNATURE) or head[12:16] != b"IHDR":
+    if len(head) < 33 or not head.startswith(_SIGNATURE) or head[12:16] != b"IHDR":
         return None
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
     if depth != 8 or colour not in (0, 2) or interlace or not (width and height and width * height <= max_pixels):
@@ -46,15 +46,16 @@ def decode_plain(stream: BinaryIO, head: bytes, max_pixels: int) -> np.ndarray |
     channels = 1 if colour == 0 else 3
     most = 2 * channels * width * height + 2**20  # far more than any such file holds; beyond, Pillow's limits apply
     data = head + stream.read(most + 1 - len(head))
-    compressed = image_data(data) if len(data) <= most else None
+    compressed = _image_data(data) if len(data) <= most else None
     if compressed is None:
         return None
     row_bytes = width * channels
+    size = height * (row_bytes + 1)  # every row: its filter type, then its bytes
     try:
-        filtered = imagecodecs.deflate_decode(compressed, out=height * (row_bytes + 1))
+        filtered = imagecodecs.deflate_decode(compressed, out=size)
     except Exception:  # libdeflate's refusal (damaged, too long or a preset dictionary)
         return None
-    if len(filtered) != height * (row_bytes + 1):  # the data ended before the image did
+    if len(filtered) != size:  # the data ended before the image did
         return None
     pixels = np.empty((height, row_bytes), np.uint8)
     if not _unfilter(np.frombuffer(filtered, np.uint8).reshape(height, row_bytes + 1), channels, pixels):
@@ -68,20 +69,20 @@ def warm_up() -> None:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
-    file = (SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+    file = (_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\4\1\2\3")) + chunk(b"IEND", b""))
     decode_plain(io.BytesIO(file[33:]), file[:33], 1)
 
 
-def image_data(data: bytes) -> bytes | None:
+def _image_data(data: bytes) -> bytes | None:
     """The compressed pixel data of a PNG whose every chunk up to IEND is one of the plain kinds, its
     checksum right (Pillow checks the ones it reads), none text holding an orientation, and whose
     IDAT chunks follow one another; else None."""
-    at, view, parts, ended = len(SIGNATURE), memoryview(data), [], False
+    at, view, parts, ended = len(_SIGNATURE), memoryview(data), [], False
     while at + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, at)
         end = at + 8 + length
-        if kind not in PLAIN_CHUNKS or end + 4 > len(data):
+        if kind not in _PLAIN_CHUNKS or end + 4 > len(data):
             return None
         if zlib.crc32(view[at + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
             return None
@@ -92,7 +93,7 @@ def image_data(data: bytes) -> bytes | None:
         elif parts:
             ended = True
         if kind in (b"tEXt", b"zTXt", b"iTXt"):  # a keyword of at most 79 bytes, then 0
-            if bytes(view[at + 8 : min(end, at + 88)]).split(b"\0", 1)[0] in ORIENTATION_KEYWORDS:
+            if bytes(view[at + 8 : min(end, at + 88)]).split(b"\0", 1)[0] in _ORIENTATION_KEYWORDS:
                 return None
         if kind == b"IEND":
             return b"".join(parts) if parts else None
