@@ -102,8 +102,11 @@ def chunk_minima(product: torch.Tensor | TiledProduct, terms: Terms, start: int,
         if isinstance(product, TiledProduct):
             if chunk > tiledot.ROWS:
                 raise ValueError(f"a TiledProduct's chunks are at most {tiledot.ROWS} pixels, got {chunk}")
-            _tiled_minima(product.gallery, product.gallery_norms, product.queries, product.query_norms,
-                         *terms.arrays(), start, chunk, reach, minima, hits, smallest)
+            amx = (product.gallery.dtype == np.int32 and product.gallery.shape[1] <= tiledot.AMX_PAIRS
+                   and tiledot.instructions(torch.bfloat16) == "AMX-BF16")
+            loop = _amx_minima if amx else _tiled_minima
+            loop(product.gallery, product.gallery_norms, product.queries, product.query_norms,
+                 *terms.arrays(), start, chunk, reach, minima, hits, smallest)
         else:
             _chunk_minima(_as_numpy(product), *terms.arrays(), start, chunk, reach, minima, hits, smallest)
     return Minima(torch.from_numpy(minima), torch.from_numpy(smallest.min(0)), hits)
@@ -396,10 +399,56 @@ def _closing_over(digest: str):
                                  weights[:, :found], base, used, out, 0)
                     low[whole:] = out[: count - whole]
                 _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
-    return _tiled_minima
+
+    @compiled(parallel=True, **_FLAGS)
+    def _amx_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights,
+                    widths, spread, start, chunk, reach, minima, hits, smallest):
+        """:func:`_tiled_minima` with AMX: per chunk, :func:`anomaly.tiledot.amx_rows` multiplies its gallery rows
+        with all the tile's queries into a small buffer that stays in cache, and the entries are formed from it
+        as :func:`_chunk_minima` forms them from a product written out."""
+        digest  # noqa: B018 (a use, so that the loop closes over it: see _closing_over)
+        count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
+        runs = (width + chunk - 1) // chunk
+        offsets = _level_offsets(widths)
+        padded = tiledot.amx_width(count)
+        norms = query_norms[start : start + count]
+        for y in numba.prange(rows.shape[1]):
+            mixed = np.empty((offsets[levels], count), np.float32)
+            _mix_down(coarse, rows, row_weights, y, start, offsets, mixed)
+            products = np.empty((tiledot.ROWS, padded), np.float32)
+            row = np.empty(count, np.float32)
+            for c in range(runs):
+                low, first = minima[y * runs + c], c * chunk
+                tiledot.amx_rows(gallery, y * width + first, queries, start, count, products)
+                low[:] = np.inf
+                for x in range(first, min(first + chunk, width)):
+                    src, g = products[x - first], y * width + x
+                    own = gallery_norms[g] - spread[g]
+                    if levels == 0:
+                        for p in range(count):
+                            low[p] = min(low[p], (src[p] + norms[p]) + own)
+                        continue
+                    for k in range(levels):
+                        m0, m1 = mixed[offsets[k] + cols[k, x, 0]], mixed[offsets[k] + cols[k, x, 1]]
+                        b0, b1 = col_weights[k, x, 0], col_weights[k, x, 1]
+                        if levels == 1:
+                            for p in range(count):
+                                low[p] = min(low[p], (src[p] + norms[p]) + (b0 * m0[p] + b1 * m1[p]) + own)
+                        elif k == 0:
+                            for p in range(count):
+                                row[p] = (src[p] + norms[p]) + (b0 * m0[p] + b1 * m1[p])
+                        elif k < levels - 1:
+                            for p in range(count):
+                                row[p] = row[p] + (b0 * m0[p] + b1 * m1[p])
+                        else:
+                            for p in range(count):
+                                low[p] = min(low[p], row[p] + (b0 * m0[p] + b1 * m1[p]) + own)
+                _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
+
+    return _tiled_minima, _amx_minima
 
 
-_tiled_minima = _closing_over(tiledot.SOURCE_DIGEST)
+_tiled_minima, _amx_minima = _closing_over(tiledot.SOURCE_DIGEST)
 
 
 @compiled(inline="always", **_FLAGS)

@@ -36,7 +36,8 @@ Two searches serve SPADE:
     forms those entries' finest-grid part again, exactly. On a CPU with AVX512-BF16 (bfloat16)
     or AVX2 (float32) that product is never written out: writing and reading its 2.5 million
     entries took longer than multiplying 32 columns, so the minima loop forms it tile by
-    tile in registers (:mod:`anomaly.tiledot`, :class:`anomaly.fused.TiledProduct`).
+    tile in registers (:mod:`anomaly.tiledot`, :class:`anomaly.fused.TiledProduct`), with
+    AMX's tile unit where there is one.
   - Only the final candidates' distances are recomputed, as ``sum((q - g)^2)`` in
     float32 from the bank's values: returned scores are exact distances to real gallery
     pixels. Each ranking distance brackets the exact one within a bound on its rounding

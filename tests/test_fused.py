@@ -8,6 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -177,9 +178,32 @@ def test_entries_formed_from_exact_rows_are_bracketed_by_the_exact_slack():
     assert kept[rows.numpy(), columns.numpy()].all()
 
 
-# Tiles of both kinds, where this CPU can form them (AVX512-BF16 for bfloat16, AVX-512 or AVX2 for float32).
-TILE_DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not tiledot.supported(dtype), reason=f"no {dtype} tiles"),
-                            id=str(dtype).removeprefix("torch.")) for dtype in (torch.bfloat16, torch.float32)]
+def tile_paths() -> list:
+    """Every way this CPU can form a tile: bfloat16 with AMX, bfloat16 pairs on AVX512-BF16 (where AMX is
+    there too, with AMX turned off), float32 on AVX-512 or AVX2."""
+    amx = tiledot.instructions(torch.bfloat16) == "AMX-BF16"
+    return [pytest.param((torch.bfloat16, True), marks=pytest.mark.skipif(not amx, reason="no AMX"), id="bfloat16-amx"),
+            *(pytest.param((dtype, False), id=str(dtype).removeprefix("torch."),
+                           marks=pytest.mark.skipif(not tiledot.supported(dtype), reason=f"no {dtype} tiles"))
+              for dtype in (torch.bfloat16, torch.float32))]
+
+
+@pytest.fixture(params=tile_paths())
+def tile_path(request, monkeypatch):
+    """(dtype, whether AMX forms bfloat16 products of up to 16 pairs), the AMX loop's calls counted."""
+    dtype, amx = request.param
+    if not amx:
+        monkeypatch.setattr(tiledot, "_amx_permitted", lambda: False)
+    tiledot.instructions.cache_clear()
+    calls, loop = [], fused._amx_minima
+
+    def counted(*args):
+        calls.append(args[0].shape[1])
+        return loop(*args)
+
+    monkeypatch.setattr(fused, "_amx_minima", counted)
+    yield dtype, amx, calls
+    tiledot.instructions.cache_clear()
 
 
 def tiled_product(rng, gallery: int, queries: int, columns: int, count: int, dtype: torch.dtype
@@ -195,15 +219,16 @@ def tiled_product(rng, gallery: int, queries: int, columns: int, count: int, dty
     return product, written + torch.from_numpy(left_norms[:, None] + right_norms[None, 11 : 11 + count]).double()
 
 
-@pytest.mark.parametrize("dtype", TILE_DTYPES)
-@pytest.mark.parametrize("columns", [1, 6, 33])  # odd counts: a zero column completes the last bfloat16 pair
+@pytest.mark.parametrize("columns", [1, 6, 28, 33])  # odd counts: a zero column completes the last bfloat16 pair;
+# 28: the bound's; 33: more pairs than AMX multiplies at once
 @pytest.mark.parametrize("count", [23, 70])  # fewer queries than a tile, and two tiles and a part
 @pytest.mark.parametrize("grids", [(), ((5, 4), (3, 2))])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_pair_product_minima_match_numpy(dtype, columns, count, grids, threads, monkeypatch):
-    """The minima of a product formed tile by tile in registers (bfloat16 pairs on AVX512-BF16, float32
-    columns on AVX-512) are those of the product written out, up to float32 rounding; so are the hits and
-    each query's least minimum."""
+def test_pair_product_minima_match_numpy(tile_path, columns, count, grids, threads, monkeypatch):
+    """The minima of a product formed tile by tile in registers (bfloat16 with AMX, or pairs on AVX512-BF16,
+    float32 columns on AVX-512 or AVX2) are those of the product written out, up to float32 rounding; so are
+    the hits and each query's least minimum."""
+    dtype, amx, amx_calls = tile_path
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     rng = np.random.default_rng(columns)
     size, chunk = (9, 11), 8  # each row's last chunk is short
@@ -223,12 +248,13 @@ def test_pair_product_minima_match_numpy(dtype, columns, count, grids, threads, 
     np.testing.assert_array_equal(minima.hits, (minima.values.numpy() <= reach).sum(1))
     with pytest.raises(ValueError, match="at most 8 pixels"):
         fused.chunk_minima(product, terms, 11, tiledot.ROWS + 1, within, exact)
+    assert len(amx_calls) == (2 if amx and columns <= 2 * tiledot.AMX_PAIRS else 0)
 
 
-@pytest.mark.parametrize("dtype", TILE_DTYPES)
-def test_screen_forms_every_entry_of_a_pair_product_exactly(dtype):
+def test_screen_forms_every_entry_of_a_pair_product_exactly(tile_path):
     """A TiledProduct is a bound never written out: every entry of a chunk that passes is formed from the
     exact rows, and exactly those within the bound come back."""
+    dtype = tile_path[0]
     rng = np.random.default_rng(8)
     size, grids, chunk, count = (9, 11), ((5, 4),), 8, 23
     terms = random_terms(rng, size, grids, 40)
@@ -260,12 +286,14 @@ def test_screen_forms_every_entry_of_a_pair_product_exactly(dtype):
 def test_pair_products_only_where_llvm_can_emit_them(monkeypatch):
     """LLVM cannot emit VDPBF16PS for a CPU without AVX512-BF16 (nor name its operands before LLVM 17), and
     float32 tiles need vector fused multiply-adds: a numba told to compile for another CPU, or an old LLVM,
-    turns TiledProducts off. The search says which it uses."""
+    turns TiledProducts off. The search says which it uses. AMX needs Linux's permission as well."""
+    amx = "AMX-BF16" if tiledot._amx_permitted() else "AVX512-BF16"
     try:
         monkeypatch.setattr(tiledot.numba.config, "CPU_NAME", "generic")
         for features, bfloat16, float32 in [("", None, None), ("+avx2", None, None), ("+avx2,+fma", None, "AVX2"),
                                             ("+avx512f", None, "AVX-512"),
-                                            ("+avx2,+fma,+avx512f,+avx512bf16", "AVX512-BF16", "AVX-512")]:
+                                            ("+avx2,+fma,+avx512f,+avx512bf16", "AVX512-BF16", "AVX-512"),
+                                            ("+avx2,+fma,+avx512f,+avx512bf16,+amx-tile,+amx-bf16", amx, "AVX-512")]:
             monkeypatch.setattr(tiledot.numba.config, "CPU_FEATURES", features)
             tiledot.instructions.cache_clear()
             assert (tiledot.instructions(torch.bfloat16), tiledot.instructions(torch.float32)) == (bfloat16, float32)
@@ -293,7 +321,32 @@ def test_float32_tiles_on_avx2(tmp_path):
                           cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     summary = done.stdout.strip().splitlines()[-1]
-    assert "skipped" not in summary and " 25 passed" in f" {summary}", summary
+    assert "skipped" not in summary and " 33 passed" in f" {summary}", summary
+
+
+@pytest.mark.skipif(tiledot.instructions(torch.bfloat16) != "AMX-BF16", reason="no AMX")
+@pytest.mark.parametrize("pairs", [1, 7, 14, 16])
+@pytest.mark.parametrize(("row", "column", "count"), [(0, 0, 70), (5, 3, 33), (91, 60, 10), (0, 69, 1)])
+def test_amx_rows_are_the_products_of_the_bfloat16_rows(pairs, row, column, count):
+    """Every entry AMX writes, two tiles of 16 queries at a time (the last round partly past ``count``, into
+    the queries' zero padding), is the float64 product of the bfloat16 rows, to float32 rounding."""
+    rng = np.random.default_rng(pairs)
+    gallery = torch.from_numpy(rng.normal(size=(99, 2 * pairs)).astype(np.float32)).bfloat16()
+    queries = torch.from_numpy(rng.normal(size=(70, 2 * pairs)).astype(np.float32)).bfloat16()
+    width = tiledot.amx_width(count)
+    out = np.full((tiledot.ROWS, width + 1), np.nan, np.float32)  # one column more: never written
+    _amx_rows(tiledot.pack_rows(gallery, tiledot.ROWS), row, tiledot.pack_columns(queries), column, count, out)
+    padded = torch.cat([queries, torch.zeros(tiledot.LANES, 2 * pairs, dtype=torch.bfloat16)])
+    rows = torch.cat([gallery, torch.zeros(tiledot.ROWS, 2 * pairs, dtype=torch.bfloat16)])[row : row + tiledot.ROWS]
+    want = rows.double() @ padded[column : column + width].double().T
+    assert width % (2 * tiledot.AMX_COLUMNS) == 0 and width >= count
+    np.testing.assert_allclose(out[:, :width], want.numpy(), rtol=0, atol=1e-5 * float(want.abs().max()))
+    assert np.isnan(out[:, width]).all()
+
+
+@numba.njit
+def _amx_rows(gallery, row, queries, column, count, out):
+    tiledot.amx_rows(gallery, row, queries, column, count, out)
 
 
 def test_pack_rows_pairs_bfloat16_columns_and_keeps_float32_ones():
