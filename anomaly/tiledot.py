@@ -22,16 +22,16 @@ they are): a gallery row's pair (or value) is broadcast to all lanes, and 16 que
 as one vector, so the queries' side is stored pair-major (:func:`pack_columns`).
 
 numba has no bfloat16 type, no vector types and no tiles; :func:`tile` and :func:`amx_rows` are written as
-LLVM IR through numba's ``intrinsic``. LLVM can only emit the bfloat16 one for a CPU with AVX512-BF16; the float32 one is formed
-in blocks small enough for the CPU's vector registers: :func:`supported` says where each may be used. The
-loop that uses it is cached on disk under a key that includes :data:`SOURCE_DIGEST`.
+LLVM IR through numba's ``intrinsic``. LLVM can only emit the bfloat16 tile for a CPU with AVX512-BF16; the
+float32 one is formed in blocks small enough for the CPU's vector registers: :func:`instructions` says where
+each may be used. The loops that use them are cached on disk under a key that includes :data:`SOURCE_DIGEST`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import llvmlite.binding
@@ -107,23 +107,42 @@ def pack_columns(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(pack_rows(x, LANES).T)
 
 
-class _BFloat(ir.Type):
-    """LLVM's ``bfloat`` type (llvmlite does not name it)."""
+class _Named(ir.Type):
+    """An LLVM type llvmlite does not name, written as LLVM spells it: ``bfloat``, ``x86_amx`` (an AMX tile)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def _to_string(self) -> str:
-        return "bfloat"
+        return self.name
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _BFloat)
+        return isinstance(other, _Named) and other.name == self.name
 
     def __hash__(self) -> int:
-        return hash("bfloat")
+        return hash(self.name)
 
 
 _I32 = ir.VectorType(ir.IntType(32), 16)
-_BF16 = ir.VectorType(_BFloat(), 32)
+_BF16 = ir.VectorType(_Named("bfloat"), 32)
 _I64 = ir.IntType(64)
 _FLOAT = ir.FloatType()
+_BYTE = ir.IntType(8)
+
+
+def _declare(builder: ir.IRBuilder, name: str, result: ir.Type, arguments: list[ir.Type]) -> ir.Function:
+    """The intrinsic ``name`` in the builder's module, declared there once."""
+    return builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(result, arguments), name)
+
+
+def _address(builder: ir.IRBuilder, array, offset: ir.Value, kind: ir.Type) -> ir.Value:
+    """A pointer to ``kind`` ``offset`` bytes into a numba array's data."""
+    return builder.inttoptr(builder.add(builder.ptrtoint(array.data, _I64), offset), kind.as_pointer())
+
+
+def _stride(builder: ir.IRBuilder, array, axis: int) -> ir.Value:
+    """A numba array's stride along ``axis``, in bytes."""
+    return builder.extract_value(array.strides, axis)
 
 
 @intrinsic
@@ -153,23 +172,13 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
         block_rows = ROWS if width == 16 else ROWS // 2
         vector = ir.VectorType(_FLOAT, width)
 
-        def declare(name, arguments):
-            return builder.module.globals.get(name) or ir.Function(
-                builder.module, ir.FunctionType(vector, arguments), name)
-
-        dpbf16ps = bfloat16 and declare(_INSTRUCTION, [vector, _BF16, _BF16])
-        fma = declare(f"llvm.fma.v{width}f32", [vector] * 3)
+        at, stride = partial(_address, builder), partial(_stride, builder)
+        dpbf16ps = bfloat16 and _declare(builder, _INSTRUCTION, vector, [vector, _BF16, _BF16])
+        fma = _declare(builder, f"llvm.fma.v{width}f32", vector, [vector] * 3)
         query_kind, gallery_kind = (_I32, ir.IntType(32)) if bfloat16 else (vector, _FLOAT)  # pairs or values
-
-        def at(array, offset, kind):
-            address = builder.add(builder.ptrtoint(array.data, _I64), offset)
-            return builder.inttoptr(address, kind.as_pointer())
 
         def constant(value):
             return ir.Constant(_I64, value)
-
-        def stride(array, axis):
-            return builder.extract_value(array.strides, axis)
 
         def broadcast(value, kind):  # a scalar in every lane
             lanes = ir.VectorType(value.type, width)
@@ -237,19 +246,6 @@ def tile(typingctx, gallery, row, queries, column, mixed, sources, weights, base
     return signature, codegen
 
 
-class _Tile(ir.Type):
-    """LLVM's ``x86_amx`` type: an AMX tile register (llvmlite does not name it)."""
-
-    def _to_string(self) -> str:
-        return "x86_amx"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Tile)
-
-    def __hash__(self) -> int:
-        return hash("x86_amx")
-
-
 AMX_COLUMNS = 16
 """Query columns per AMX tile: 16 float32 sums, 64 bytes, a tile's widest row. :func:`amx_rows` forms two
 such tiles at a time."""
@@ -289,29 +285,19 @@ def amx_rows(typingctx, gallery, row, queries, column, count, out):
         gallery_array, queries_array, out_array = (
             context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 2, 5))
         row, column, count = (builder.sext(args[i], _I64) if args[i].type != _I64 else args[i] for i in (1, 3, 4))
-        tile, short, pointer = _Tile(), ir.IntType(16), ir.IntType(8).as_pointer()
-
-        def declare(name, result, arguments):
-            return builder.module.globals.get(name) or ir.Function(
-                builder.module, ir.FunctionType(result, arguments), name)
-
-        load = declare("llvm.x86.tileloadd64.internal", tile, [short, short, pointer, _I64])
-        zero = declare("llvm.x86.tilezero.internal", tile, [short, short])
-        multiply = declare("llvm.x86.tdpbf16ps.internal", tile, [short, short, short, tile, tile, tile])
-        store = declare("llvm.x86.tilestored64.internal", ir.VoidType(), [short, short, pointer, _I64, tile])
-
-        def at(array, offset):
-            return builder.inttoptr(builder.add(builder.ptrtoint(array.data, _I64), offset), pointer)
-
-        def stride(array, axis):
-            return builder.extract_value(array.strides, axis)
+        tile, short, pointer = _Named("x86_amx"), ir.IntType(16), _BYTE.as_pointer()
+        at, stride = partial(_address, builder), partial(_stride, builder)
+        load = _declare(builder, "llvm.x86.tileloadd64.internal", tile, [short, short, pointer, _I64])
+        zero = _declare(builder, "llvm.x86.tilezero.internal", tile, [short, short])
+        multiply = _declare(builder, "llvm.x86.tdpbf16ps.internal", tile, [short, short, short, tile, tile, tile])
+        store = _declare(builder, "llvm.x86.tilestored64.internal", ir.VoidType(), [short, short, pointer, _I64, tile])
 
         pairs = builder.extract_value(gallery_array.shape, 1)
         rows, width = ir.Constant(short, ROWS), ir.Constant(short, 4 * AMX_COLUMNS)
         # Every shape is defined before the first tile instruction, where LLVM configures the tiles.
         depth = builder.trunc(builder.mul(pairs, ir.Constant(_I64, 4)), short)  # bytes of a gallery row
         height = builder.trunc(pairs, short)  # rows of a tile of queries
-        first_row = at(gallery_array, builder.mul(row, stride(gallery_array, 0)))
+        first_row = at(gallery_array, builder.mul(row, stride(gallery_array, 0)), _BYTE)
         first_column = builder.mul(column, ir.Constant(_I64, 4))
         # Two tiles of queries per round, independent, so that one's multiply overlaps the other's loads and store.
         span = 2 * AMX_COLUMNS
@@ -321,10 +307,10 @@ def amx_rows(typingctx, gallery, row, queries, column, count, out):
             for half in range(2):
                 offset = builder.add(builder.mul(loop.index, ir.Constant(_I64, 4 * span)),
                                      ir.Constant(_I64, 4 * AMX_COLUMNS * half))
-                right = builder.call(load, [height, width, at(queries_array, builder.add(first_column, offset)),
+                right = builder.call(load, [height, width, at(queries_array, builder.add(first_column, offset), _BYTE),
                                             stride(queries_array, 0)])
                 sums = builder.call(multiply, [rows, width, depth, builder.call(zero, [rows, width]), left, right])
-                builder.call(store, [rows, width, at(out_array, offset), stride(out_array, 0), sums])
+                builder.call(store, [rows, width, at(out_array, offset, _BYTE), stride(out_array, 0), sums])
         return context.get_dummy_value()
 
     return signature, codegen

@@ -375,5 +375,6 @@ def test_warm_up_compiles_everything_a_real_search_uses(precision, tmp_path):
     assert found["warm"]["anomaly.fused._chunk_minima"] >= 1  # the warm-up did run the search
     instructions = tiledot.instructions(torch.bfloat16 if precision == "bf16" else torch.float32)
     if instructions:  # and took the bound in registers
-        assert found["warm"]["anomaly.fused._amx_minima" if instructions == "AMX-BF16" else "anomaly.fused._tiled_minima"] == 1
+        loop = "_amx_minima" if instructions == "AMX-BF16" else "_tiled_minima"
+        assert found["warm"][f"anomaly.fused.{loop}"] == 1
     assert found["real"] == found["warm"]
