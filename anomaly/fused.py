@@ -326,29 +326,53 @@ def _chunk_minima(product, coarse, rows, row_weights, cols, col_weights, widths,
             low = minima[y * runs + c]
             low[:] = np.inf
             for x in range(c * chunk, min(c * chunk + chunk, width)):
-                src, s = product[y * width + x], spread[y * width + x]
-                for k in range(levels):
-                    m0, m1 = mixed[offsets[k] + cols[k, x, 0]], mixed[offsets[k] + cols[k, x, 1]]
-                    b0, b1 = col_weights[k, x, 0], col_weights[k, x, 1]
-                    if levels == 1:
-                        for p in range(count):
-                            low[p] = min(low[p], _widen(src[p]) + (b0 * m0[p] + b1 * m1[p]) - s)
-                    elif k == 0:
-                        for p in range(count):
-                            row[p] = _widen(src[p]) + (b0 * m0[p] + b1 * m1[p])
-                    elif k < levels - 1:
-                        for p in range(count):
-                            row[p] = row[p] + (b0 * m0[p] + b1 * m1[p])
-                    else:
-                        for p in range(count):
-                            low[p] = min(low[p], row[p] + (b0 * m0[p] + b1 * m1[p]) - s)
+                _fold_pixel(low, row, product[y * width + x], None, mixed, offsets, cols, col_weights, x,
+                            -spread[y * width + x])
             _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
 
 
+def _plus(value, extra, p):
+    """``value + extra[p]``, or ``value`` itself where ``extra`` is None (not even + 0)."""
+
+
+@overload(_plus)
+def _plus_typed(value, extra, p):
+    if isinstance(extra, types.NoneType):
+        return lambda value, extra, p: value
+    return lambda value, extra, p: value + extra[p]
+
+
+@compiled(inline="always", **_FLAGS)
+def _fold_pixel(low, row, src, extra, mixed, offsets, cols, col_weights, x, tail):
+    """Fold one gallery pixel's entries into its chunk's minima ``low``: each is ``src[p]`` widened (plus
+    ``extra[p]`` where given), plus each native level's two mixed rows at gallery column x, level by level,
+    plus ``tail``: the order :func:`_entry` sums them in. ``row``: room for the sums of several levels."""
+    count, levels = low.shape[0], offsets.shape[0] - 1
+    if levels == 0:
+        for p in range(count):
+            low[p] = min(low[p], _plus(_widen(src[p]), extra, p) + tail)
+        return
+    for k in range(levels):
+        m0, m1 = mixed[offsets[k] + cols[k, x, 0]], mixed[offsets[k] + cols[k, x, 1]]
+        b0, b1 = col_weights[k, x, 0], col_weights[k, x, 1]
+        if levels == 1:
+            for p in range(count):
+                low[p] = min(low[p], _plus(_widen(src[p]), extra, p) + (b0 * m0[p] + b1 * m1[p]) + tail)
+        elif k == 0:
+            for p in range(count):
+                row[p] = _plus(_widen(src[p]), extra, p) + (b0 * m0[p] + b1 * m1[p])
+        elif k < levels - 1:
+            for p in range(count):
+                row[p] = row[p] + (b0 * m0[p] + b1 * m1[p])
+        else:
+            for p in range(count):
+                low[p] = min(low[p], row[p] + (b0 * m0[p] + b1 * m1[p]) + tail)
+
+
 def _closing_over(digest: str):
-    """:func:`_tiled_minima` closed over ``digest``, tiledot.py's: numba's disk cache keys a loop on its own
-    file and on the values it closes over, not on the files of what it calls, so without this an edit of
-    tiledot.py would leave the loop running the old tile from the cache."""
+    """:func:`_tiled_minima` and :func:`_amx_minima` closed over ``digest``, tiledot.py's: numba's disk cache
+    keys a loop on its own file and on the values it closes over, not on the files of what it calls, so without
+    this an edit of tiledot.py would leave the loops running the old tiles from the cache."""
 
     @compiled(parallel=True, **_FLAGS)
     def _tiled_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights,
@@ -404,8 +428,8 @@ def _closing_over(digest: str):
     def _amx_minima(gallery, gallery_norms, queries, query_norms, coarse, rows, row_weights, cols, col_weights,
                     widths, spread, start, chunk, reach, minima, hits, smallest):
         """:func:`_tiled_minima` with AMX: per chunk, :func:`anomaly.tiledot.amx_rows` multiplies its gallery rows
-        with all the tile's queries into a small buffer that stays in cache, and the entries are formed from it
-        as :func:`_chunk_minima` forms them from a product written out."""
+        with all the tile's queries into a small buffer that stays in cache, and :func:`_fold_pixel` forms the
+        entries from it as :func:`_chunk_minima` does from a product written out, the queries' norms added."""
         digest  # noqa: B018 (a use, so that the loop closes over it: see _closing_over)
         count, levels, width = minima.shape[1], rows.shape[0], cols.shape[1]
         runs = (width + chunk - 1) // chunk
@@ -422,27 +446,9 @@ def _closing_over(digest: str):
                 tiledot.amx_rows(gallery, y * width + first, queries, start, count, products)
                 low[:] = np.inf
                 for x in range(first, min(first + chunk, width)):
-                    src, g = products[x - first], y * width + x
-                    own = gallery_norms[g] - spread[g]
-                    if levels == 0:
-                        for p in range(count):
-                            low[p] = min(low[p], (src[p] + norms[p]) + own)
-                        continue
-                    for k in range(levels):
-                        m0, m1 = mixed[offsets[k] + cols[k, x, 0]], mixed[offsets[k] + cols[k, x, 1]]
-                        b0, b1 = col_weights[k, x, 0], col_weights[k, x, 1]
-                        if levels == 1:
-                            for p in range(count):
-                                low[p] = min(low[p], (src[p] + norms[p]) + (b0 * m0[p] + b1 * m1[p]) + own)
-                        elif k == 0:
-                            for p in range(count):
-                                row[p] = (src[p] + norms[p]) + (b0 * m0[p] + b1 * m1[p])
-                        elif k < levels - 1:
-                            for p in range(count):
-                                row[p] = row[p] + (b0 * m0[p] + b1 * m1[p])
-                        else:
-                            for p in range(count):
-                                low[p] = min(low[p], row[p] + (b0 * m0[p] + b1 * m1[p]) + own)
+                    g = y * width + x
+                    _fold_pixel(low, row, products[x - first], norms, mixed, offsets, cols, col_weights, x,
+                                gallery_norms[g] - spread[g])
                 _tally(low, reach, y * runs + c, hits, smallest[numba.get_thread_id()])
 
     return _tiled_minima, _amx_minima
