@@ -329,7 +329,7 @@ def section_bound(args) -> None:
                for level in fitted.bank.pyramid]
     query = [level.float().permute(1, 2, 0).contiguous() for level in query]
     pixels = query[0].shape[0] * query[0].shape[1]
-    rows = slice(0, pixels // -(-pixels // search.QUERY_TILE))  # the search's first query tile
+    rows = search._query_tiles(pixels, "bf16")[0]  # the search's first query tile
     plans = {name: search._Plan(query, torch.bfloat16, search.FACTOR_MIN_CHANNELS["bf16"], registers)
              for name, registers in [("in registers", True), ("written out", False)]}
     if plans["in registers"]._basis is None:

@@ -82,7 +82,7 @@ def products(request, monkeypatch):
 @pytest.mark.parametrize("kappa", [1, 3])
 def test_pixel_knn_matches_brute_force(precision, kappa, products, monkeypatch):
     monkeypatch.setattr(search, "GALLERY_TILE", 37)  # several tiles, one ragged, short last chunks
-    monkeypatch.setattr(search, "QUERY_TILE", 50)
+    monkeypatch.setattr(search, "QUERY_TILE", {"fp32": 50, "bf16": 50})
     rng = np.random.default_rng(0)
     queries = rng.normal(size=(130, 24)).astype(np.float32)
     gallery = rng.normal(size=(300, 24)).astype(np.float32)
@@ -97,7 +97,7 @@ def test_pixel_knn_matches_brute_force(precision, kappa, products, monkeypatch):
 def test_pyramid_knn_equals_search_of_the_upsampled_gallery(precision, factor_min_channels, size, products,
                                                              monkeypatch):
     monkeypatch.setattr(search, "FACTOR_MIN_CHANNELS", {"fp32": factor_min_channels, "bf16": factor_min_channels})
-    monkeypatch.setattr(search, "QUERY_TILE", 70)
+    monkeypatch.setattr(search, "QUERY_TILE", {"fp32": 70, "bf16": 70})
     rng = np.random.default_rng(1)
     bank = random_pyramid(rng, 6, size=size)
     neighbours = np.array([4, 0, 2])
