@@ -628,10 +628,17 @@ class _Plan:
                       exact if self.dtype == torch.bfloat16 else None)
 
 
+# Float32 products of at least this many multiply-adds go to oneDNN (see _matmul). Its linear costs about 20 us a
+# call whatever the size (a 4 x 8 by 4 x 8 product: 24 us against torch.mm's 2.6), which dominated the gallery's
+# small products (about 150 per query image, 2-7 million multiply-adds each).
+ONEDNN_MIN_PRODUCT = 2**24
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T``. torch hands float32 products to MKL, which runs only its AVX2 code on AMD
-    CPUs; oneDNN (torch's bfloat16 path anyway) uses AVX-512 there: twice as fast, same fp32."""
-    if a.dtype == torch.float32 and _onednn_float32():
+    CPUs; oneDNN (torch's bfloat16 path anyway) uses AVX-512 there: twice as fast, same fp32.
+    Small products stay with torch, where oneDNN's fixed cost per call would outweigh that."""
+    if a.dtype == torch.float32 and len(a) * len(b) * a.shape[1] >= ONEDNN_MIN_PRODUCT and _onednn_float32():
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return a @ b.T
 

@@ -323,6 +323,20 @@ def test_bound_only_where_its_directions_hold_most_of_the_spread():
         assert (plan._basis is not None) == bounded
 
 
+@pytest.mark.parametrize(("rows", "columns", "inner"), [(196, 196, 116), (1024, 256, 128)])  # below / above
+def test_matmul_is_the_product_and_leaves_small_ones_to_torch(rows, columns, inner, monkeypatch):
+    """Either way ``a @ b.T`` to float32 rounding; oneDNN is only considered for products of at least
+    ONEDNN_MIN_PRODUCT multiply-adds, where its fixed cost per call is worth paying."""
+    asked = []
+    monkeypatch.setattr(search, "_onednn_float32", lambda: asked.append(True) or True)
+    rng = np.random.default_rng(rows)
+    a, b = (torch.from_numpy(rng.normal(size=(n, inner)).astype(np.float32)) for n in (rows, columns))
+    got = search._matmul(a, b)
+    want = a.double() @ b.double().T
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-4 * float(want.abs().max()))
+    assert bool(asked) == (rows * columns * inner >= search.ONEDNN_MIN_PRODUCT)
+
+
 def test_knn_and_index_agree_with_brute_force():
     rng = np.random.default_rng(1)
     gallery = rng.normal(size=(40, 8)).astype(np.float32)
