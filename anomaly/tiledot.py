@@ -303,6 +303,8 @@ def amx_rows(typingctx, gallery, row, queries, column, count, out):
         span = 2 * AMX_COLUMNS
         rounds = builder.sdiv(builder.add(count, ir.Constant(_I64, span - 1)), ir.Constant(_I64, span))
         with cgutils.for_range(builder, rounds) as loop:
+            # The same gallery rows every round, loaded again: loaded once before the loop, the tile would live
+            # across it, and LLVM then fails to configure the tiles ("please define the shape earlier").
             left = builder.call(load, [rows, depth, first_row, stride(gallery_array, 0)])
             for half in range(2):
                 offset = builder.add(builder.mul(loop.index, ir.Constant(_I64, 4 * span)),
