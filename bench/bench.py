@@ -614,20 +614,24 @@ def section_bank5000(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/magnetic_tile"))
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Sections: see the module docstring.")
+    parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/magnetic_tile"),
+                        help="a category in the MVTec AD layout (default: %(default)s)")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="the feature extractor (default: %(default)s)")
     parser.add_argument("--weights", default=None, help='a weights file, or "random" (timing only)')
     parser.add_argument("--section", action="append", choices=SECTIONS, help="repeatable; default all but bank5000")
-    parser.add_argument("--k", type=int, default=50)
-    parser.add_argument("--kappa", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--train", type=int, default=0, help="use this many training images (0: all)")
-    parser.add_argument("--test", type=int, default=5, help="test images timed in the pixel section")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--throughput-images", type=int, default=96)
-    parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[100, 1000, 5000])
-    parser.add_argument("--synthetic", type=int, default=500, help="generated normal images for bank5000")
+    parser.add_argument("--k", type=int, default=50, help="nearest normal images (default: %(default)s)")
+    parser.add_argument("--kappa", type=int, default=1, help="nearest gallery pixels per pixel (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=16, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--train", type=int, default=0, help="use this many training images (default 0: all)")
+    parser.add_argument("--test", type=int, default=5, help="test images timed for pixel maps (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats, the best kept (default: %(default)s)")
+    parser.add_argument("--throughput-images", type=int, default=96,
+                        help="images timed in the throughput section (default: %(default)s)")
+    parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[100, 1000, 5000],
+                        help="bank sizes in the scaling section (default: %(default)s)")
+    parser.add_argument("--synthetic", type=int, default=500,
+                        help="generated normal images for bank5000 (default: %(default)s)")
     parser.add_argument("--avx2", action="store_true",
                         help="time the code an AVX2 CPU without AVX-512 runs (most laptops): numba compiles for "
                              "Haswell, torch's kernels stop at AVX2; float32 ranking is then the default")
