@@ -143,7 +143,10 @@ def mib(n: float) -> str:
 
 # ---- data -------------------------------------------------------------------------------
 def category(args) -> MVTecCategory:
-    data = load_mvtec_category(args.dataset)
+    try:
+        data = load_mvtec_category(args.dataset)
+    except ValueError as error:  # one line, not a traceback
+        raise SystemExit(f"bench: {error} (--dataset takes a category in the MVTec AD layout)") from None
     if args.train:
         data.train = data.train[:: max(1, len(data.train) // args.train)][: args.train]
     return data

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from imagegen import DATASETS, requires_dataset
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def run_bench(*args: str) -> tuple[dict[str, list[dict[str, str]]], str]:
-    """Run the bench in its own process, as a user would: its tables by title, each a list of rows, and
+def run_bench(*args: str, script: str = "bench.py") -> tuple[dict[str, list[dict[str, str]]], str]:
+    """Run a bench script in its own process, as a user would: its tables by title, each a list of rows, and
     all it printed."""
-    done = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     tables: dict[str, list[dict[str, str]]] = {}
     title, header = None, None
@@ -70,3 +71,21 @@ def test_pixel_section_matches_the_naive_reference():
     # bfloat16 only ranks: both rankings return the same float32 distances.
     differ = re.search(r"bf16 against fp32 ranking: ([0-9.]+)% of pixel distances differ", printed)
     assert differ is not None and float(differ.group(1)) == 0, printed[-2000:]
+
+
+@requires_dataset("mvtec_bottle_448")
+def test_maps_per_image_reports_both_rankings():
+    _, printed = run_bench(str(DATASETS / "mvtec_bottle_448"), "--train", "12", "--test", "2",
+                           script="maps_per_image.py")
+    found = re.findall(r"^(fp32|bf16): ([0-9.]+) s per image with maps \(K=50, kappa=1, bank of 12\)$", printed,
+                       re.MULTILINE)
+    assert [precision for precision, _ in found] == ["fp32", "bf16"], printed
+    assert all(float(seconds) > 0 for _, seconds in found)
+
+
+def test_a_missing_dataset_is_one_line():
+    done = subprocess.run([sys.executable, str(BENCH / "bench.py"), "--dataset", "no/such/folder", "--section",
+                           "pixel"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip() == ("bench: no/such/folder: not a folder "
+                                   "(--dataset takes a category in the MVTec AD layout)")
