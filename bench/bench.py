@@ -357,7 +357,7 @@ def section_bound(args) -> None:
     flops = 2.0 * gallery_pixels * queries * search.BOUND_RANK
     peak = matmul_rate(torch.bfloat16)
     totals = {"written out (oneDNN product, then the minima loop)": best["product"] + best["written"],
-              "in registers (the minima loop forms it)": best["registers"]}
+              f"in registers (the minima loop forms it, {tiledot.instructions(torch.bfloat16)})": best["registers"]}
     table(f"One bounded block: {gallery_pixels} gallery x {queries} query pixels, rank {search.BOUND_RANK}, "
           f"{args.backbone} (best of {max(args.repeats, 5)} x {repeat} calls, in turns)",
           ["bound", "ms per block", "GFLOP/s of the bound's products", "of the bf16 matmul peak"],
