@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         list(model.score(items, maps=True))
         print(f"{precision}: {(time.perf_counter() - started) / len(items):.3f} s per image with maps "
-              f"(K={model.k}, kappa={model.kappa}, bank of {len(model.bank)})")
+              f"(K={min(model.k, len(model.bank))}, kappa={model.kappa}, bank of {len(model.bank)})")
 
 
 if __name__ == "__main__":
