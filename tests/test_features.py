@@ -66,7 +66,7 @@ def test_sixteen_bit_images_keep_their_precision():
     np.testing.assert_allclose(features.load(entry, IDENTITY).tensor.permute(1, 2, 0).numpy(), expected, atol=2e-6)
 
 
-@pytest.mark.parametrize("shape", [(300, 200), (64, 64), (20, 500), (96, 96)])
+@pytest.mark.parametrize("shape", [(300, 200), (64, 64), (20, 500), (IDENTITY.image_size,) * 2])
 def test_thumbnail_is_the_rounded_filter(shape):
     """Of the image itself where it has no more pixels than the backbone's input (96 x 96 here), else of
     that input (the image filtered once, exactly), mapped back to 8-bit values: cheaper for large images."""
@@ -75,7 +75,8 @@ def test_thumbnail_is_the_rounded_filter(shape):
     loaded = features.load(entry, IDENTITY, thumbnail)
     assert loaded.thumbnail is thumbnail
     image = load_image(entry.data)  # float in [0, 1]
-    source = image if shape[0] * shape[1] <= 96 * 96 else reference_resize(image, 96)
+    size = IDENTITY.image_size
+    source = image if shape[0] * shape[1] <= size * size else reference_resize(image, size)
     exact = reference_resize(source, features.THUMBNAIL_SIZE) * 255
     assert np.abs(thumbnail - exact).max() <= 0.5 + 1e-3
 
