@@ -13,7 +13,7 @@ Typical use::
 from .allocator import configure_allocator
 from .openmp import configure_spinning
 
-configure_allocator()  # before torch is imported: it reads its huge-page switch at its first allocation
+configure_allocator()  # before torch allocates anything, so that all its blocks follow the settings
 configure_spinning()  # before torch loads libgomp, which reads its spin count then
 
 from .backbones import BACKBONES, BackboneIdentity, FeatureExtractor, WeightsUnavailable, load_extractor

@@ -3,18 +3,20 @@
 Every batch through a backbone allocates and frees tens of MiB of activations. By default glibc's
 malloc gives such blocks back to the kernel when they are freed, so the next batch faults the same
 memory in again, zeroed, 4 KiB at a time: on the machine of the README's figures that was nearly
-half the CPU time of an efficientnet_lite0 forward pass. Two settings keep the memory for reuse:
+half the CPU time of an efficientnet_lite0 forward pass. glibc's ``mallopt`` keeps the memory for
+reuse: blocks up to 32 MiB (its maximum) come from the heap instead of fresh mappings, the heap grows
+64 MiB at a time, and it is trimmed only when 256 MiB at its top are free.
 
-* glibc's ``mallopt``: blocks up to 32 MiB (its maximum) come from the heap instead of fresh
-  mappings, the heap grows 64 MiB at a time, and it is trimmed only when 256 MiB at its top are free;
-* torch's own ``THP_MEM_ALLOC_ENABLE``: its blocks of 2 MiB and more go on transparent huge pages.
-  torch reads it at its first allocation, so it is only set when :mod:`anomaly` is imported before
-  torch.
+torch's transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``) are left off, as torch has them: on the
+Xeon they made nothing faster once memory was in use, and cost seconds of system time while the process
+first took its memory: scoring 83 images took 8.7 s instead of 5.7 (system time 5.1 s against 1.0, for
+554 huge pages: about 7 ms each, probably a virtual machine's host backing memory on first use), and the
+first batch of 16 through the backbone 1.6-2.9 s instead of 0.25-0.29 (docs/performance.md, "Huge pages
+dropped").
 
 The price is that up to 256 MiB of freed memory stays with the process. ``ANOMALY_ALLOCATOR=system``
-(set before the import) keeps the defaults; ``MALLOC_*``, ``GLIBC_TUNABLES`` or
-``THP_MEM_ALLOC_ENABLE`` already set by the user are left as they are, and other C libraries
-(macOS, musl) are not touched.
+(set before the import) keeps glibc's defaults; ``MALLOC_*`` or ``GLIBC_TUNABLES`` already set by the
+user are left as they are, and other C libraries (macOS, musl) are not touched.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import sys
 
 MIB = 1 << 20
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -30,8 +31,8 @@ MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 * MIB, _M_TOP_PAD: 64 * MIB, _M_TRIM_TH
 _USER_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 applied: tuple[str, ...] | None = None
-"""What :func:`configure_allocator` changed (``"glibc malloc keeps freed memory"``, ``"huge pages"``);
-None before it ran."""
+"""What :func:`configure_allocator` changed (``"glibc malloc keeps freed memory"``, or nothing); None
+before it ran."""
 
 
 def configure_allocator() -> tuple[str, ...]:
@@ -42,13 +43,7 @@ def configure_allocator() -> tuple[str, ...]:
     if os.environ.get("ANOMALY_ALLOCATOR", "").lower() == "system":
         applied = ()
         return applied
-    changes = []
-    if _tune_glibc_malloc():
-        changes.append("glibc malloc keeps freed memory")
-    if "THP_MEM_ALLOC_ENABLE" not in os.environ and "torch" not in sys.modules:
-        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-        changes.append("huge pages")
-    applied = tuple(changes)
+    applied = ("glibc malloc keeps freed memory",) if _tune_glibc_malloc() else ()
     return applied
 
 

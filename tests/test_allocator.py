@@ -53,8 +53,8 @@ def probe(**env: str) -> dict:
 @glibc_only
 def test_repeated_passes_reuse_memory_instead_of_faulting_it_in_again():
     tuned = probe()
-    assert tuned["applied"] == ["glibc malloc keeps freed memory", "huge pages"]
-    assert tuned["thp"] == "1"
+    assert tuned["applied"] == ["glibc malloc keeps freed memory"]
+    assert tuned["thp"] is None  # torch's huge pages stay off (see anomaly/allocator.py)
     assert tuned["faults"] < PAGES_PER_PASS / 16
 
 
